@@ -1,0 +1,122 @@
+"""Typed public functions. Each is a thin call into the ``torch.ops.topv`` op of the same name,
+so the typed API, ``torch.ops.topv.*`` and ``torch.compile`` all see one implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from topv import ops as _ops  # noqa: F401  (defines the torch.ops.topv schemas)
+
+
+def grid_positions(h: int, w: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Patch centres of an h x w grid in image-plane coordinates.
+
+    Returns float32 (h*w, 2): ((r + 0.5)/h, (c + 0.5)/w) for r in range(h), c in range(w), in
+    row-major order, so the image spans [0, 1] x [0, 1].
+    """
+    for name, v in (("h", h), ("w", w)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    r = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+    c = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(h * w, 2)
+
+
+def cost_matrix(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    src_pos: torch.Tensor,
+    tgt_pos: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.3,
+    sigma: float = 0.2,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """TopV transport cost between source and target tokens (``docs/algorithm.md``).
+
+    Parameters
+    ----------
+    source : (n, d) or (B, n, d) float32/float16/bfloat16
+    target : (m, d) or (B, m, d), same dtype and batch as ``source``
+    src_pos : (n, 2) or (B, n, 2) float, image-plane (row, col) in [0, 1]
+    tgt_pos : (m, 2) or (B, m, 2) float; defaults to ``src_pos`` (requires m == n)
+
+    Returns
+    -------
+    float32 (n, m) or (B, n, m):
+    ``alpha (1 - cos)/2 + beta (1 - exp(-|p_i - q_j|^2 / 2 sigma^2)) + gamma |p_i - c| / sqrt(0.5)``.
+    """
+    return torch.ops.topv.cost_matrix(source, target, src_pos, tgt_pos, alpha=alpha, beta=beta, gamma=gamma,
+                                      sigma=sigma, backend=backend)
+
+
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float = 0.1,
+    n_iters: int = 3,
+    tol: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched log-domain Sinkhorn; returns float32 potentials (f, g).
+
+    Parameters
+    ----------
+    cost : float32 (n, m) or (B, n, m)
+    a, b : optional positive marginals, (n,)/(B, n) and (m,)/(B, m); uniform when None
+    eps : entropic regularisation (> 0)
+    n_iters : iterations, each an f update then a g update
+    tol : if > 0, a batch element stops after the first iteration whose plan has L1
+        row-marginal violation below ``tol`` (checked on the device, no host sync)
+
+    The plan is ``P = exp((f_i + g_j - C_ij) / eps)``; its columns match ``b`` exactly.
+    """
+    return torch.ops.topv.sinkhorn(cost, a, b, eps=eps, n_iters=n_iters, tol=tol, backend=backend)
+
+
+def prune(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    positions: torch.Tensor,
+    keep: int | Sequence[int],
+    *,
+    seg_lens: Sequence[int] | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.3,
+    sigma: float = 0.2,
+    eps: float = 0.1,
+    n_iters: int = 3,
+    tol: float = 0.0,
+    recover_ratio: float = 0.25,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the visual tokens TopV keeps, with an exact budget per segment.
+
+    Padded layout: source/target (B, n, d), positions (n, 2) or (B, n, 2), ``keep: int`` ->
+    kept int64 (B, keep), indices within each row in ascending order; scores float32 (B, n).
+
+    Packed layout: source/target (T, d), positions (T, 2), ``seg_lens`` (one length per segment,
+    summing to T), ``keep`` (one budget per segment; an int applies to every segment) -> kept
+    int64 (sum(keep),), indices into the packed tensor, ascending within each segment, segments
+    in order; scores float32 (T,). A 2-D source without ``seg_lens`` is one segment.
+
+    Scores have mean 1 per segment. ``keep - floor(recover_ratio * keep)`` tokens are the top
+    scores (ties to the lower index), the rest are spread uniformly over the remaining ones.
+    Features may be float32/float16/bfloat16; math is float32. ``check_finite`` raises on NaN/Inf
+    inputs at the cost of one host sync; pass False for CUDA-graph capture. The result is
+    deterministic for a given backend.
+    """
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        keep = [keep] if source.dim() == 3 or seg_lens is None else [keep] * len(seg_lens)
+    return torch.ops.topv.prune(
+        source, target, positions, keep, seg_lens=None if seg_lens is None else list(seg_lens), alpha=alpha,
+        beta=beta, gamma=gamma, sigma=sigma, eps=eps, n_iters=n_iters, tol=tol, recover_ratio=recover_ratio,
+        check_finite=check_finite, backend=backend)

@@ -1,0 +1,162 @@
+"""Readable eager PyTorch reference of TopV scoring: the oracle for every fast path.
+
+Implements exactly ``docs/algorithm.md``. Runs on any device and imports nothing but torch.
+Everything is computed in float32, or in float64 when the inputs are float64 (that is how the
+tests build the oracle). Inputs here are already validated by :mod:`topv.ops`; these functions
+check nothing.
+
+The functions are batched over a leading dimension and never synchronise with the host, so the
+same code serves as the ``torch.compile`` baseline in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_CENTRE = 0.5
+_MAX_CENTRE_DIST = math.sqrt(0.5)  # distance from (0.5, 0.5) to a corner of [0,1]^2
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def cost_matrix(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    src_pos: torch.Tensor,
+    tgt_pos: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.3,
+    sigma: float = 0.2,
+) -> torch.Tensor:
+    """TopV cost ``C`` (B, n, m) from source (B, n, d), target (B, m, d), positions (B, n|m, 2)."""
+    dt = _compute_dtype(source, target, src_pos)
+    s = source.to(dt)
+    t = target.to(dt)
+    p = src_pos.to(dt)
+    q = p if tgt_pos is None else tgt_pos.to(dt)
+
+    # cos = s.t / (|s||t|); a zero-norm vector has cos = 0 with everything.
+    s_norm = torch.linalg.vector_norm(s, dim=-1)
+    t_norm = torch.linalg.vector_norm(t, dim=-1)
+    s_inv = torch.where(s_norm > 0, 1.0 / s_norm, torch.zeros_like(s_norm))
+    t_inv = torch.where(t_norm > 0, 1.0 / t_norm, torch.zeros_like(t_norm))
+    cos = (s @ t.transpose(-1, -2)) * s_inv[..., :, None] * t_inv[..., None, :]
+    feature = (1.0 - cos) / 2.0
+
+    dist2 = ((p[..., :, None, :] - q[..., None, :, :]) ** 2).sum(-1)
+    spatial = 1.0 - torch.exp(-dist2 / (2.0 * sigma * sigma))
+
+    centre = torch.linalg.vector_norm(p - _CENTRE, dim=-1) / _MAX_CENTRE_DIST
+    return alpha * feature + beta * spatial + gamma * centre[..., :, None]
+
+
+def _log_marginal(w: torch.Tensor | None, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    if w is None:
+        return torch.full((batch, size), -math.log(size), dtype=like.dtype, device=like.device)
+    return torch.log(w.to(like.dtype)).expand(batch, size)
+
+
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float = 0.1,
+    n_iters: int = 3,
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn on cost (B, n, m); returns potentials f (B, n), g (B, m).
+
+    One iteration is the f update then the g update. With ``tol > 0`` a batch element freezes
+    after the first iteration whose plan has L1 row-marginal violation below ``tol``.
+    """
+    C = cost.to(_compute_dtype(cost))
+    B, n, m = C.shape
+    log_a = _log_marginal(a, B, n, C)
+    log_b = _log_marginal(b, B, m, C)
+    f = torch.zeros(B, n, dtype=C.dtype, device=C.device)
+    g = torch.zeros(B, m, dtype=C.dtype, device=C.device)
+    done = torch.zeros(B, dtype=torch.bool, device=C.device)
+    for _ in range(n_iters):
+        f_new = eps * log_a - eps * torch.logsumexp((g[:, None, :] - C) / eps, dim=2)
+        g_new = eps * log_b - eps * torch.logsumexp((f_new[:, :, None] - C) / eps, dim=1)
+        f = torch.where(done[:, None], f, f_new)
+        g = torch.where(done[:, None], g, g_new)
+        if tol > 0:
+            row_mass = plan(C, f, g, eps).sum(2)
+            violation = (row_mass - log_a.exp()).abs().sum(1)
+            done = done | (violation < tol)
+    return f, g
+
+
+def plan(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Transport plan P = exp((f_i + g_j - C_ij) / eps), (B, n, m)."""
+    return torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
+
+
+def scores(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Importance score_i = n * sum_j P_ij (mean 1 per segment), (B, n)."""
+    return cost.shape[1] * plan(cost, f, g, eps).sum(2)
+
+
+def select(score: torch.Tensor, keep: int, recover_ratio: float) -> torch.Tensor:
+    """Kept indices (B, keep), ascending: top scores (ties to the lower index) + uniform recovery."""
+    B, n = score.shape
+    k_rec = math.floor(recover_ratio * keep)
+    k_top = keep - k_rec
+    # NaN ranks below every number; a stable descending sort puts the lower index first on ties.
+    key = torch.nan_to_num(score, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    top = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k_top]
+    is_top = torch.zeros(B, n, dtype=torch.int8, device=score.device).scatter_(1, top, 1)
+    # The non-top indices in ascending order: a stable sort moves the 0s (not top) first.
+    rest = torch.sort(is_top, dim=1, stable=True).indices[:, : n - k_top]
+    j = torch.arange(k_rec, device=score.device)
+    recovered = rest[:, ((2 * j + 1) * (n - k_top)) // (2 * k_rec)] if k_rec else rest[:, :0]
+    return torch.sort(torch.cat([top, recovered], dim=1), dim=1).values
+
+
+def prune_padded(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    positions: torch.Tensor,
+    keep: int,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.3,
+    sigma: float = 0.2,
+    eps: float = 0.1,
+    n_iters: int = 3,
+    tol: float = 0.0,
+    recover_ratio: float = 0.25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopV on a padded batch: source/target (B, n, d), positions (B, n, 2) -> kept (B, keep), scores (B, n)."""
+    C = cost_matrix(source, target, positions, None, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma)
+    f, g = sinkhorn(C, eps=eps, n_iters=n_iters, tol=tol)
+    s = scores(C, f, g, eps)
+    return select(s, keep, recover_ratio), s
+
+
+def prune_packed(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    positions: torch.Tensor,
+    seg_lens: list[int],
+    keep: list[int],
+    **params,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopV on packed segments: source/target (T, d), positions (T, 2) -> kept (sum(keep),), scores (T,)."""
+    kept, score, start = [], [], 0
+    for n, k in zip(seg_lens, keep):
+        sl = slice(start, start + n)
+        idx, s = prune_padded(source[None, sl], target[None, sl], positions[None, sl], k, **params)
+        kept.append(idx[0] + start)
+        score.append(s[0])
+        start += n
+    return torch.cat(kept), torch.cat(score)
