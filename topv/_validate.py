@@ -86,9 +86,9 @@ def int_list(name: str, values) -> list[int]:
         raise TypeError(f"{name} must be a list of ints, got {type(values).__name__}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must hold ints, got {v!r} ({type(v).__name__})")
-        out.append(int(v))
+        out.append(v)
     return out
 
 

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
+from topv import _validate as V
 from topv import ops as _ops  # noqa: F401  (defines the torch.ops.topv schemas)
+
+
+def _int_arg(name: str, value) -> int:
+    # The dispatcher would reject a float with a RuntimeError; say it as a TypeError first.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def grid_positions(h: int, w: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -77,7 +85,8 @@ def sinkhorn(
 
     The plan is ``P = exp((f_i + g_j - C_ij) / eps)``; its columns match ``b`` exactly.
     """
-    return torch.ops.topv.sinkhorn(cost, a, b, eps=eps, n_iters=n_iters, tol=tol, backend=backend)
+    return torch.ops.topv.sinkhorn(cost, a, b, eps=eps, n_iters=_int_arg("n_iters", n_iters), tol=tol,
+                                   backend=backend)
 
 
 def prune(
@@ -114,9 +123,12 @@ def prune(
     inputs at the cost of one host sync; pass False for CUDA-graph capture. The result is
     deterministic for a given backend.
     """
+    if seg_lens is not None:
+        seg_lens = V.int_list("seg_lens", seg_lens)
     if isinstance(keep, int) and not isinstance(keep, bool):
-        keep = [keep] if source.dim() == 3 or seg_lens is None else [keep] * len(seg_lens)
+        keep = [keep] if seg_lens is None else [keep] * len(seg_lens)
+    keep = V.int_list("keep", keep)
     return torch.ops.topv.prune(
-        source, target, positions, keep, seg_lens=None if seg_lens is None else list(seg_lens), alpha=alpha,
-        beta=beta, gamma=gamma, sigma=sigma, eps=eps, n_iters=n_iters, tol=tol, recover_ratio=recover_ratio,
-        check_finite=check_finite, backend=backend)
+        source, target, positions, keep, seg_lens=seg_lens, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, eps=eps,
+        n_iters=_int_arg("n_iters", n_iters), tol=tol, recover_ratio=recover_ratio, check_finite=check_finite,
+        backend=backend)

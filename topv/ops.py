@@ -19,7 +19,6 @@ nothing falls back silently.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -145,7 +144,11 @@ def _triton_interpreted() -> bool:
 
 @functools.cache
 def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        import triton  # noqa: F401  (imported only when a device could use it)
+    except ImportError:
+        return False
+    return True
 
 
 def _native_has(op: str, key: str) -> bool:
@@ -158,7 +161,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run tensors on ``device`` in this process (``auto`` excluded)."""
     device = torch.device(device)
     out = ["reference"]
-    if _has_triton() and (device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())):
+    if (device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())) and _has_triton():
         out.append("triton")
     if device.type == "cuda" and _native_has("prune", "CUDA"):
         out.append("cuda")
@@ -338,8 +341,11 @@ def _sinkhorn_fake(cost, a=None, b=None, *, eps=0.1, n_iters=3, tol=0.0, backend
 # --------------------------------------------------------------------------------------------
 
 
-def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams) -> Segments:
-    """Validate a prune call and return its segment layout."""
+def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams):
+    """Validate a prune call; return its layout (lens, keep, padded) as host tuples.
+
+    Under torch.compile's dynamic shapes the sizes may be SymInts, so nothing here hashes them.
+    """
     V.tensor("source", source, ndims=(2, 3), dtypes=V.FEATURE_DTYPES)
     V.tensor("target", target, ndims=(2, 3), dtypes=V.FEATURE_DTYPES)
     if target.shape != source.shape:
@@ -365,7 +371,7 @@ def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams)
         if len(keep) != 1:
             raise ValueError(f"the padded layout takes one keep for every row, got {len(keep)} values: {keep}")
         V.budgets(keep, [n])
-        return Segments.of((n,) * B, (keep[0],) * B, True)
+        return (n,) * B, (keep[0],) * B, True
     T = source.shape[0]
     if seg_lens is None:
         seg_lens = [T]  # a 2-D source without seg_lens is one segment
@@ -380,7 +386,7 @@ def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams)
         raise ValueError(f"keep must give one budget per segment: {len(seg_lens)} segments, got {len(keep)} budgets")
     V.positions("positions", positions, T, None)
     V.budgets(keep, seg_lens)
-    return Segments.of(tuple(seg_lens), tuple(keep), False)
+    return tuple(seg_lens), tuple(keep), False
 
 
 def _nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
@@ -411,7 +417,7 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
 def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1,
            n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
-    segs = _check_prune(source, target, positions, keep, seg_lens, params)
+    segs = Segments.of(*_check_prune(source, target, positions, keep, seg_lens, params))
     backend = resolve_backend(backend, source.device)
     if backend == "reference":
         bad = _nonfinite_flag(source, target, positions) if check_finite else None
@@ -443,11 +449,11 @@ def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.
 def _prune_fake(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2,
                 eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
-    segs = _check_prune(source, target, positions, keep, seg_lens, params)
-    if segs.padded:
-        return (source.new_empty((segs.count, segs.keep[0]), dtype=torch.int64),
+    _, keep, padded = _check_prune(source, target, positions, keep, seg_lens, params)
+    if padded:
+        return (source.new_empty((source.shape[0], keep[0]), dtype=torch.int64),
                 source.new_empty(source.shape[:2], dtype=torch.float32))
-    return (source.new_empty((segs.total_keep,), dtype=torch.int64),
+    return (source.new_empty((sum(keep),), dtype=torch.int64),
             source.new_empty((source.shape[0],), dtype=torch.float32))
 
 

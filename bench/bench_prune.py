@@ -1,0 +1,123 @@
+"""Benchmark of topv.prune (3 Sinkhorn iterations) on realistic VLM shapes, every provider in one run.
+
+Providers: the eager reference, torch.compile(reference), and topv's Triton and CUDA backends,
+each launched from Python and replayed from a CUDA graph. Reported per row: median µs, achieved
+TFLOP/s (cost GEMM FLOPs 2·B·n²·d over the time) and GB/s (feature bytes read once), the ratio
+to the floor (max of GEMM FLOPs at the measured bf16 matmul rate and input bytes at the measured
+copy bandwidth), the speed-up over the eager reference, and peak temporary memory.
+
+    python bench/bench_prune.py [--configs llava15-b1,qwen2vl-16k] [--providers triton,cuda] [--out PREFIX]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import CONFIGS, Result, bench_graph, bench_python, ceilings, environment, print_table, temp_mib, write  # noqa: E402
+
+import topv  # noqa: E402
+from topv import reference  # noqa: E402
+
+PROVIDERS = ("reference", "compile", "triton", "cuda")
+
+
+def make_inputs(cfg, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = getattr(torch, cfg.dtype)
+    shared = torch.randn(cfg.d, device="cuda", generator=g)
+    src = (torch.randn(cfg.B, cfg.n, cfg.d, device="cuda", generator=g) + 0.5 * shared).to(dt)
+    tgt = (src.float() * (1 + 0.3 * torch.randn(cfg.d, device="cuda", generator=g))
+           + 0.3 * torch.randn(cfg.B, cfg.n, cfg.d, device="cuda", generator=g)).to(dt)
+    side = int(round(cfg.n**0.5))
+    pos = topv.grid_positions(side, cfg.n // side, device="cuda") if side * (cfg.n // side) == cfg.n else \
+        torch.rand(cfg.n, 2, device="cuda", generator=g)
+    return src, tgt, pos
+
+
+def provider_fn(name, cfg, src, tgt, pos):
+    if name == "reference":
+        pos_b = pos.expand(cfg.B, cfg.n, 2)
+        return lambda: reference.prune_padded(src, tgt, pos_b, cfg.keep)
+    if name == "compile":
+        pos_b = pos.expand(cfg.B, cfg.n, 2)
+        compiled = torch.compile(reference.prune_padded)
+        return lambda: compiled(src, tgt, pos_b, cfg.keep)
+    backend = name.split("+")[0]
+    check = name.endswith("+check")
+    return lambda: topv.prune(src, tgt, pos, cfg.keep, backend=backend, check_finite=check)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(c.name for c in CONFIGS))
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--skip-reference-above", type=int, default=16384,
+                    help="skip the eager/compiled reference for n above this (they hold an n² fp32 cost)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prune"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_prune.py needs a CUDA device")
+
+    env, ceil = environment(), ceilings()
+    print(f"# {env}\n# ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
+    available = topv.available_backends("cuda")
+    providers = [p for p in args.providers.split(",") if p.split("+")[0] not in ("triton", "cuda") or p.split("+")[0] in available]
+    if "triton" in providers:
+        providers.insert(providers.index("triton") + 1, "triton+check")
+    if "cuda" in providers:
+        providers.insert(providers.index("cuda") + 1, "cuda+check")
+    results, keep_alive = [], []
+    print_table([])
+    for cfg in [c for c in CONFIGS if c.name in args.configs.split(",")]:
+        src, tgt, pos = make_inputs(cfg)
+        flops = 2.0 * cfg.B * cfg.n * cfg.n * cfg.d
+        nbytes = 2.0 * src.numel() * src.element_size()
+        floor_us = 1e6 * max(flops / (ceil["bf16_matmul_tflops"] * 1e12), nbytes / (ceil["copy_gbps"] * 1e9))
+        ref_kept, ref_us = None, {}
+        for prov in providers:
+            if prov in ("reference", "compile") and cfg.n > args.skip_reference_above:
+                continue
+            fn = provider_fn(prov, cfg, src, tgt, pos)
+            try:
+                kept = fn()[0]
+                torch.cuda.synchronize()
+            except Exception as e:  # a provider that cannot run this shape is reported, not fatal
+                results.append(Result(cfg.name, prov, "python", None, note=f"failed: {type(e).__name__}: {e}"[:200]))
+                continue
+            note = ""
+            if prov == "reference":
+                ref_kept = kept
+            elif ref_kept is not None:
+                agree = (kept == ref_kept).float().mean().item()
+                note = f"kept == reference: {100 * agree:.1f}%"
+            mem = temp_mib(fn, keep_alive)
+            keep_alive.clear()
+            modes = ["python"] if prov.endswith("+check") else ["python", "graph"]
+            for mode in modes:
+                try:
+                    us = bench_python(fn) if mode == "python" else bench_graph(fn)
+                except Exception as e:
+                    results.append(Result(cfg.name, prov, mode, None, note=f"failed: {type(e).__name__}: {e}"[:200]))
+                    continue
+                if prov == "reference":
+                    ref_us[mode] = us
+                results.append(Result(
+                    cfg.name, prov, mode, us, tflops=flops / (us * 1e-6) / 1e12, gbps=nbytes / (us * 1e-6) / 1e9,
+                    floor_ratio=us / floor_us, speedup_vs_reference=ref_us[mode] / us if mode in ref_us else None,
+                    temp_mib=mem, note=note))
+                print_table(results[-1:], header=False)
+        del src, tgt, pos
+        torch.cuda.empty_cache()
+    print()
+    print_table(results)
+    write(results, env, ceil, args.out)
+    print(f"# wrote {args.out}.json/.csv")
+
+
+if __name__ == "__main__":
+    main()

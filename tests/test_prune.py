@@ -1,0 +1,135 @@
+"""topv.prune on every backend against the float64 oracle: odd sizes, ragged packed batches,
+non-contiguous inputs, all feature dtypes, ties, tol, non-finite inputs."""
+
+import pytest
+import torch
+from conftest import backend_cases
+from oracle import SCORE_ATOL, assert_prune_matches, assert_valid_selection, features, local_kept, oracle_prune
+
+import topv
+
+PARAMS = dict(alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _padded_shapes(device):
+    # (B, n, d, keep): the interpreter runs every program on the CPU, so CPU shapes stay small.
+    if device == "cpu":
+        return [(1, 1, 8, 1), (2, 7, 16, 3), (3, 19, 24, 19), (1, 33, 40, 8)]
+    return [(1, 1, 64, 1), (1, 577, 256, 144), (3, 576, 1024, 100), (2, 7, 4096, 5)]
+
+
+def _packed_layouts(device):
+    if device == "cpu":
+        return [([5, 1, 17], [2, 1, 9], 16), ([9], [4], 8)]
+    return [([577, 1, 300, 64], [144, 1, 75, 64], 512), ([2880], [720], 256)]
+
+
+def _run_padded(backend, device, B, n, d, keep, dtype, gen, *, contiguous=True, per_row_pos=False, **over):
+    params = {**PARAMS, **over}
+    src = features((B, n, d), dtype, device, gen, contiguous=contiguous)
+    tgt = features((B, n, d), dtype, device, gen, contiguous=contiguous)
+    pos = torch.rand((B, n, 2) if per_row_pos else (n, 2), generator=gen).to(device)
+    kept, scores = topv.prune(src, tgt, pos, keep, backend=backend, **params)
+    assert kept.shape == (B, keep) and scores.shape == (B, n) and kept.device.type == device
+    _, oracle = oracle_prune(src, tgt, pos, [keep], None, params)
+    assert_prune_matches(local_kept(kept, [n] * B, [keep] * B, True), scores, oracle, [n] * B, [keep] * B,
+                         params["recover_ratio"], SCORE_ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padded_matches_oracle(backend, device, dtype):
+    gen = torch.Generator().manual_seed(10)
+    for B, n, d, keep in _padded_shapes(device):
+        _run_padded(backend, device, B, n, d, keep, dtype, gen)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_padded_noncontiguous_and_per_row_positions(backend, device):
+    gen = torch.Generator().manual_seed(11)
+    B, n, d, keep = _padded_shapes(device)[1]
+    _run_padded(backend, device, B, n, d, keep, torch.float32, gen, contiguous=False, per_row_pos=True)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_ragged_matches_oracle(backend, device, dtype):
+    gen = torch.Generator().manual_seed(12)
+    for lens, keep, d in _packed_layouts(device):
+        T = sum(lens)
+        src, tgt = features((T, d), dtype, device, gen), features((T, d), dtype, device, gen, contiguous=False)
+        pos = torch.rand(T, 2, generator=gen).to(device)
+        kept, scores = topv.prune(src, tgt, pos, keep, seg_lens=lens, backend=backend, **PARAMS)
+        assert kept.shape == (sum(keep),) and scores.shape == (T,)
+        _, oracle = oracle_prune(src, tgt, pos, keep, lens, PARAMS)
+        assert_prune_matches(local_kept(kept, lens, keep, False), scores, oracle, lens, keep, PARAMS["recover_ratio"],
+                             SCORE_ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_non_default_parameters(backend, device):
+    gen = torch.Generator().manual_seed(13)
+    B, n, d, keep = _padded_shapes(device)[2]
+    _run_padded(backend, device, B, n, d, keep, torch.float32, gen, alpha=2.0, beta=0.5, gamma=0.0, sigma=0.5,
+                eps=0.05, n_iters=5, recover_ratio=0.5)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_tol_per_segment_early_exit(backend, device):
+    # Segment 0 has a uniform cost (all tokens identical): its first plan is already exact, so it
+    # stops after iteration 1; segment 1 is random and runs longer.
+    gen = torch.Generator().manual_seed(14)
+    n, d = (12, 16) if device == "cpu" else (300, 256)
+    same = torch.ones(n, d, dtype=torch.float64)
+    src = torch.stack([same, torch.randn(n, d, generator=gen, dtype=torch.float64)]).float().to(device)
+    tgt = torch.stack([same, torch.randn(n, d, generator=gen, dtype=torch.float64)]).float().to(device)
+    pos = torch.full((2, n, 2), 0.5).to(device)
+    pos[1] = torch.rand(n, 2, generator=gen)
+    params = {**PARAMS, "n_iters": 40, "tol": 1e-3, "beta": 1.0}
+    kept, scores = topv.prune(src, tgt, pos, n // 3, backend=backend, **params)
+    _, oracle = oracle_prune(src, tgt, pos, [n // 3], None, params)
+    assert_prune_matches(list(kept.cpu()), scores, oracle, [n, n], [n // 3] * 2, params["recover_ratio"], 2e-4)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_exact_ties_go_to_the_lower_index(backend, device):
+    # Identical tokens at identical positions have bit-identical cost rows, hence equal scores.
+    n, d = (10, 8) if device == "cpu" else (577, 128)
+    src = torch.ones(1, n, d, device=device)
+    pos = torch.full((n, 2), 0.5, device=device)
+    kept, scores = topv.prune(src, src.clone(), pos, 4, recover_ratio=0.0, backend=backend)
+    assert kept.tolist() == [[0, 1, 2, 3]]
+    assert torch.equal(scores, scores[:, :1].expand_as(scores))
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_nonfinite_input_raises_or_stays_valid(backend, device):
+    gen = torch.Generator().manual_seed(15)
+    n, d = (9, 8) if device == "cpu" else (577, 64)
+    for bad in (float("nan"), float("inf")):
+        src = features((2, n, d), torch.float32, device, gen)
+        src[1, 3, 2] = bad
+        tgt, pos = features((2, n, d), torch.float32, device, gen), torch.rand(n, 2).to(device)
+        with pytest.raises(ValueError, match="non-finite"):
+            topv.prune(src, tgt, pos, 4, backend=backend)
+        kept, _ = topv.prune(src, tgt, pos, 4, backend=backend, check_finite=False)
+        for row in kept.cpu():
+            assert_valid_selection(row, n, 4)
+    pos = torch.rand(n, 2).to(device)
+    pos[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        topv.prune(features((1, n, d), torch.float32, device, gen), features((1, n, d), torch.float32, device, gen),
+                   pos, 2, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_keep_all_and_keep_one(backend, device):
+    gen = torch.Generator().manual_seed(16)
+    n = 7 if device == "cpu" else 577
+    src, tgt = features((2, n, 16), torch.float32, device, gen), features((2, n, 16), torch.float32, device, gen)
+    pos = topv.grid_positions(1, n, device=device)
+    kept, _ = topv.prune(src, tgt, pos, n, backend=backend)
+    assert torch.equal(kept.cpu(), torch.arange(n).expand(2, n))
+    kept, scores = topv.prune(src, tgt, pos, 1, backend=backend)
+    assert torch.equal(kept.cpu()[:, 0], scores.cpu().argmax(1))
