@@ -4,7 +4,8 @@ Python owns every ``topv::`` schema, so ``torch.ops.topv.*`` and its fake kernel
 machine, with or without the C++ extension or Triton. Two families:
 
 * public ops ``topv::cost_matrix``, ``topv::sinkhorn``, ``topv::prune``: validate their
-  arguments (host-side only), resolve ``backend`` and run it. Registered for CPU and CUDA.
+  arguments (host-side only), resolve ``backend`` and run it. One Python kernel serves every
+  device (CompositeExplicitAutograd); fake kernels serve Meta/FakeTensor.
 * native ops ``topv::cost_matrix_native``, ``topv::sinkhorn_native``, ``topv::prune_native``:
   raw entry points into the C++ extension (``topv._C``), which registers their CPU and CUDA
   kernels with ``TORCH_LIBRARY_IMPL``. They take already-normalised inputs and are what a C++
@@ -204,15 +205,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _impl_cpu_cuda(name: str):
-    """Register one Python kernel for the CPU and CUDA keys of a public op."""
-
-    def wrap(fn):
-        for key in ("CPU", "CUDA"):
-            _lib.impl(name, fn, key)
-        return fn
-
-    return wrap
+def _impl(name: str):
+    # CompositeExplicitAutograd: one Python kernel for every device (the reference backend runs
+    # anywhere); Meta and FakeTensor dispatch go to the fake kernels registered below.
+    return torch.library.impl(_lib, name, "CompositeExplicitAutograd")
 
 
 @functools.cache
@@ -254,7 +250,7 @@ def _batched_pos(pos: torch.Tensor, batch: int) -> torch.Tensor:
     return pos.expand(batch, *pos.shape[-2:]) if pos.dim() == 2 else pos
 
 
-@_impl_cpu_cuda("cost_matrix")
+@_impl("cost_matrix")
 def _cost_matrix(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, backend="auto"):
     _check_cost_matrix(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma)
     backend = resolve_backend(backend, source.device)
@@ -309,7 +305,7 @@ def _log_weights(w: torch.Tensor | None, name: str) -> torch.Tensor | None:
     return torch.log(w)
 
 
-@_impl_cpu_cuda("sinkhorn")
+@_impl("sinkhorn")
 def _sinkhorn(cost, a=None, b=None, *, eps=0.1, n_iters=3, tol=0.0, backend="auto"):
     _check_sinkhorn(cost, a, b, eps, n_iters, tol)
     backend = resolve_backend(backend, cost.device)
@@ -413,7 +409,7 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@_impl_cpu_cuda("prune")
+@_impl("prune")
 def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1,
            n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
