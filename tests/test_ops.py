@@ -101,7 +101,7 @@ def test_import_and_reference_without_triton():
         try:
             topv.prune(src, src + 1, topv.grid_positions(2, 3), 3, backend="triton")
         except ValueError as e:
-            assert "Triton is not installed" in str(e), e
+            assert "Triton or topv.triton_kernels is not importable" in str(e), e
         else:
             raise AssertionError("backend='triton' without Triton must raise")
         print("ok")

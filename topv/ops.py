@@ -20,6 +20,7 @@ nothing falls back silently.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -149,7 +150,8 @@ def _has_triton() -> bool:
         import triton  # noqa: F401  (imported only when a device could use it)
     except ImportError:
         return False
-    return True
+    # A source tree used without `pip install` lacks the topv.triton_kernels mapping.
+    return importlib.util.find_spec("topv.triton_kernels") is not None
 
 
 def _native_has(op: str, key: str) -> bool:
@@ -174,7 +176,7 @@ def available_backends(device: torch.device | str) -> list[str]:
 def _why_unavailable(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _has_triton():
-            return "Triton is not installed"
+            return "Triton or topv.triton_kernels is not importable (install topv with pip so triton_kernels/ maps to it)"
         return "Triton runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 is set before topv is imported)"
     if backend in ("cuda", "cpp"):
         from topv import _ext

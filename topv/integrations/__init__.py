@@ -1,0 +1,1 @@
+"""Model integrations (Hugging Face transformers: ``topv.enable/apply/remove``), imported lazily."""
