@@ -39,9 +39,12 @@ def provider_fn(name, C):
 
         K = -C / EPS
         nx = get_backend(K)
+        # POT builds its default uniform marginals on the CPU; give them on K's device.
+        a = torch.full(C.shape[:2], 1.0 / C.shape[1], device=C.device)
+        b = torch.full((C.shape[0], C.shape[2]), 1.0 / C.shape[2], device=C.device)
 
         def run():
-            out = bregman_log_projection_batch(K, nx=nx, max_iter=ITERS, tol=0.0)
+            out = bregman_log_projection_batch(K, a, b, nx=nx, max_iter=ITERS, tol=0.0)
             return out["potentials"]
 
         return run

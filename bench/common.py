@@ -61,10 +61,12 @@ class Result:
 def environment() -> dict:
     import triton
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                           cwd=os.path.dirname(__file__)).stdout.strip()
+    # The GPU machine gets a copy of the tree without .git: the caller passes TOPV_COMMIT there.
+    sha = os.environ.get("TOPV_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+    ).stdout.strip() or "unknown"
+    dirty = "" if os.environ.get("TOPV_COMMIT") else subprocess.run(
+        ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# GPU check of the C++/CUDA extension topv._C (run on the H100 from the repo root):
+# build, tests, memcheck, CMake + ctest, timings (do_bench median and CUDA-graph replay) and the
+# ptxas resource usage of the main kernels. Writes logs to $OUT when set. Sections can be
+# skipped with TOPV_SKIP="build tests sanitizer cmake timing ptxas".
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+OUT=${OUT:-$(mktemp -d)}
+SKIP=${TOPV_SKIP:-}
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+section() { echo; echo "=== $1 ($(date +%T))"; }
+
+if ! skip build; then
+  section build
+  # `python -m pip`: a bare `pip` may belong to another interpreter (one without torch, which
+  # then installs topv without the extension).
+  if ! python -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; exit 1
+  fi
+  grep "\[topv setup\]" "$OUT/build.log"
+  python -c "import topv, torch; from topv import _ext; print('backends on cuda:', topv.available_backends('cuda'), 'torch', torch.__version__, '_C error:', _ext.load_error())"
+fi
+
+if ! skip tests; then
+  section "pytest tests/test_native.py (+ the cuda/cpp cases of the op suites)"
+  # -v prints each test id before running it, so a crash names its test; the rest then runs
+  # again without it.
+  deselect=()
+  for attempt in 1 2 3; do
+    python -m pytest -v -p no:cacheprovider tests/test_native.py "${deselect[@]}" >"$OUT/native_$attempt.log" 2>&1
+    rc=$?
+    grep -E "(FAILED|ERROR)( |$)|passed|failed" "$OUT/native_$attempt.log" | grep -v "^tests.*PASSED" | tail -12
+    if [ $rc -lt 128 ] && ! grep -q "Fatal Python error" "$OUT/native_$attempt.log"; then break; fi
+    crashed=$(grep -oE "^tests/test_native.py::[^ ]+" "$OUT/native_$attempt.log" | tail -1)
+    echo "CRASH (rc=$rc) in $crashed:"; grep -E "Fatal Python error|File .*topv|File .*tests/" "$OUT/native_$attempt.log" | head -12
+    deselect+=(--deselect "$crashed")
+  done
+  python -m pytest -q tests/test_prune.py tests/test_sinkhorn.py tests/test_cost_matrix.py tests/test_ops.py \
+    -k "cuda-cuda or cpp-cpu" 2>&1 | tail -6
+fi
+
+if ! skip cmake; then
+  section "cmake + ctest"
+  TP=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  TT=${TOPV_CMAKE_TORCH:-ON}  # OFF: kernels library + smoke test only (faster)
+  if cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$TP" -DTOPV_BUILD_TORCH="$TT" >"$OUT/cmake.log" 2>&1 \
+     || cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 -DTOPV_BUILD_TORCH=OFF >>"$OUT/cmake.log" 2>&1; then
+    grep "topv:" "$OUT/cmake.log"
+    cmake --build build-cmake -j 16 >>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; }
+    ctest --test-dir build-cmake --output-on-failure 2>&1 | tail -6
+  else
+    tail -15 "$OUT/cmake.log"
+  fi
+fi
+
+if ! skip sanitizer; then
+  section "compute-sanitizer memcheck"
+  if [ -x build-cmake/topv_smoke ]; then
+    compute-sanitizer --tool memcheck --leak-check no build-cmake/topv_smoke 2>&1 | tail -4
+  fi
+  cat >"$OUT/memcheck_case.py" <<'PY'
+import torch, topv
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    for lens, keep in (([7], [3]), ([577, 1, 40], [100, 1, 9])):
+        T = sum(lens)
+        s = torch.randn(T, 72, generator=g).to(dt).cuda(); t = torch.randn(T, 72, generator=g).to(dt).cuda()
+        p = torch.rand(T, 2, generator=g).cuda()
+        topv.prune(s, t, p, keep, seg_lens=lens, backend="cuda", tol=1e-3, n_iters=5)
+        topv.prune(s[:, :37], t[:, :37], p, keep, seg_lens=lens, backend="cuda")
+C = torch.rand(2, 33, 45).cuda()
+topv.sinkhorn(C, backend="cuda", tol=1e-3)
+topv.cost_matrix(torch.randn(2, 5, 24).cuda(), torch.randn(2, 6, 24).cuda(), torch.rand(5, 2).cuda(), torch.rand(6, 2).cuda(), backend="cuda")
+torch.cuda.synchronize(); print("memcheck case done")
+PY
+  if [ "${TOPV_SANITIZE_PYTHON:-1}" = 1 ]; then
+    timeout 240 compute-sanitizer --tool memcheck --leak-check no python "$OUT/memcheck_case.py" 2>&1 | tail -4
+  fi
+fi
+
+if ! skip timing; then
+  section "timings (bf16, 3 iterations, keep 25%)"
+  cat >"$OUT/timing.py" <<'PY'
+import torch, topv, triton.testing as tt
+torch.manual_seed(0)
+dev = "cuda"
+print(torch.cuda.get_device_name(), "torch", torch.__version__)
+cases = [(1, 576, 4096), (16, 576, 4096), (64, 576, 4096), (1, 2880, 3584), (1, 16384, 3584)]
+backends = [b for b in ("cuda", "triton") if b in topv.available_backends(dev)]
+rows = []
+for B, n, d in cases:
+    s = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
+    t = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
+    p = topv.grid_positions(24, 24).to(dev) if n == 576 else torch.rand(n, 2, device=dev)
+    keep = [n // 4]
+    flops = 2.0 * B * n * n * d
+    floor_us = max(flops / 700e12, 2 * s.numel() * 2 / 2.9e12) * 1e6
+    for be in backends:
+        run = lambda: topv.prune(s, t, p, keep, backend=be, check_finite=False)
+        try:
+            run(); torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+            run(); torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            eager = tt.do_bench(run, warmup=5, rep=50 if n < 16384 else 200, return_mode="median") * 1e3
+            st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                run()
+            torch.cuda.current_stream().wait_stream(st)
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                run()
+            graph = tt.do_bench(gr.replay, warmup=5, rep=50 if n < 16384 else 200, return_mode="median") * 1e3
+            rows.append(f"{be:6s} B={B:<3d} n={n:<6d} d={d:<5d} eager {eager:9.1f} us  graph {graph:9.1f} us  "
+                        f"floor {floor_us:8.1f} us ({graph/floor_us:5.2f}x)  {flops/graph/1e6:6.1f} TFLOP/s  peak mem {peak:7.1f} MiB")
+        except Exception as e:  # report and go on: one failing case must not hide the others
+            rows.append(f"{be:6s} B={B} n={n} d={d}: {type(e).__name__}: {str(e)[:160]}")
+        print(rows[-1], flush=True)
+# Where the time goes at B=1, n=576 and n=16384 (cuda backend, one call, kernel sums).
+from torch.profiler import profile, ProfilerActivity
+for B, n, d in ((1, 576, 4096), (64, 576, 4096), (1, 16384, 3584)):
+    s = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16); t = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
+    p = torch.rand(n, 2, device=dev)
+    topv.prune(s, t, p, [n // 4], backend="cuda", check_finite=False); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        topv.prune(s, t, p, [n // 4], backend="cuda", check_finite=False); torch.cuda.synchronize()
+    agg = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            k = e.name.split("<")[0].split("(")[0][-40:]
+            c = agg.setdefault(k, [0, 0.0]); c[0] += 1; c[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    print(f"-- kernels B={B} n={n} d={d}: " + "; ".join(f"{k} x{c} {us:.1f}us" for k, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])))
+PY
+  timeout 200 python "$OUT/timing.py" 2>&1 | tail -30
+fi
+
+if ! skip ptxas; then
+  section "ptxas resource usage (sm_90)"
+  nvcc -std=c++17 -O3 --use_fast_math -arch=sm_90 -Icsrc/include -Xptxas -v -c csrc/topv_api.cu -o /dev/null 2>&1 \
+    | grep -E "Compiling entry|registers|spill" | paste - - - \
+    | sed -E "s/.*entry function '([^']*)'.* ([0-9]+) bytes spill stores.*Used ([0-9]+) registers[^0-9]*([0-9]+ barriers)?(, ([0-9]+) bytes smem)?.*/\1 regs=\3 spill_stores=\2 smem=\6/" \
+    | while read -r name rest; do echo "$(echo "$name" | c++filt | sed -E 's/topv::detail:://g; s/\(.*//') $rest"; done
+fi
