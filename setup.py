@@ -58,17 +58,19 @@ def _extensions():
         _say(f"skipping the CUDA sources ({why}); building the C++ CPU kernels only")
 
     include = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.14 headers need C++20; older ones build with C++17.
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", std, "-fopenmp"]
     define = [("TOPV_WITH_CUDA", "1")] if build_cuda else []
     # An empty PyInit__C: importing topv._C only loads the library (the ops are torch ops).
-    common = dict(include_dirs=include, define_macros=define + [("Py_LIMITED_API", "0x03090000")],
-                  py_limited_api=True, extra_link_args=["-fopenmp"])
+    # py_limited_api: torch's build defines Py_LIMITED_API itself for such extensions.
+    common = dict(include_dirs=include, define_macros=define, py_limited_api=True, extra_link_args=["-fopenmp"])
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         ext = cpp_extension.CUDAExtension(
             "topv._C", cpp + cu,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--use_fast_math", "-lineinfo"]},
             **common)
     else:
         ext = cpp_extension.CppExtension("topv._C", cpp, extra_compile_args={"cxx": cxx}, **common)

@@ -3,7 +3,8 @@
 # test suite (CUDA tests included), the CUDA sanitizer, and the benchmarks; logs and results go
 # to $OUT (or bench/results/gpu-latest when OUT is unset).
 #
-#   bash bench/gpu.sh [tests] [sanitize] [kernels] [e2e]     (no argument: all of them)
+#   bash bench/gpu.sh [tests] [native] [kernels] [e2e-llava] [e2e-qwen]   (no argument: all of them;
+#   all of them take ~20 minutes, so split them across calls when a call is capped at 10)
 #
 # POT is not installed on the GPU machine: carry its wheel in .whl/ (see README) for the Sinkhorn
 # benchmark's POT column.
@@ -11,8 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-latest}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-steps=${*:-tests sanitize kernels e2e}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+steps=${*:-tests native kernels e2e-llava e2e-qwen}
 status=0
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -35,17 +36,17 @@ for step in $steps; do
     tests)
         python3 -m pytest -q -p no:cacheprovider -x tests >"$OUT/tests.log" 2>&1 || status=1
         tail -5 "$OUT/tests.log" ;;
-    sanitize)
-        compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
-            tests/test_native.py -k "cuda and not graph" >"$OUT/sanitize.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize.log" | tail -3 ;;
+    native)
+        # CMake library + ctest smoke test, compute-sanitizer memcheck, ptxas resource usage.
+        TOPV_SKIP="build tests timing ncu" OUT="$OUT" bash bench/gpu_native.sh 2>&1 | tee "$OUT/native.log" | tail -25 ;;
     kernels)
         python3 bench/bench_prune.py --out "$OUT/prune" >"$OUT/bench_prune.log" 2>&1 || status=1
         python3 bench/bench_sinkhorn.py --out "$OUT/sinkhorn" >"$OUT/bench_sinkhorn.log" 2>&1 || status=1
         tail -n +3 "$OUT/bench_prune.log" | grep -v "^#" | tail -45 ;;
-    e2e)
-        python3 bench/bench_e2e.py --out "$OUT/e2e" >"$OUT/bench_e2e.log" 2>&1 || status=1
-        tail -30 "$OUT/bench_e2e.log" ;;
+    e2e-llava|e2e-qwen)
+        setup=$([ "$step" = e2e-llava ] && echo llava7b || echo qwen2vl7b)
+        python3 bench/bench_e2e.py --setups "$setup" --out "$OUT/$step" >"$OUT/$step.log" 2>&1 || status=1
+        tail -25 "$OUT/$step.log" ;;
     *) echo "unknown step $step"; status=1 ;;
     esac
     echo "== $step: $(( $(date +%s) - t0 )) s"

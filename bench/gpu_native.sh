@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the C++/CUDA extension topv._C (run on the H100 from the repo root):
 # build, tests, memcheck, CMake + ctest, timings (do_bench median and CUDA-graph replay) and the
-# ptxas resource usage of the main kernels. Writes logs to $OUT when set. Sections can be
-# skipped with TOPV_SKIP="build tests sanitizer cmake timing ptxas".
+# ptxas resource usage of the main kernels, ncu metrics of the cost GEMM. Writes logs to $OUT
+# when set. Sections can be skipped with TOPV_SKIP="build tests cmake sanitizer timing ncu ptxas".
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 OUT=${OUT:-$(mktemp -d)}
@@ -74,7 +74,7 @@ topv.cost_matrix(torch.randn(2, 5, 24).cuda(), torch.randn(2, 6, 24).cuda(), tor
 torch.cuda.synchronize(); print("memcheck case done")
 PY
   if [ "${TOPV_SANITIZE_PYTHON:-1}" = 1 ]; then
-    timeout 240 compute-sanitizer --tool memcheck --leak-check no python "$OUT/memcheck_case.py" 2>&1 | tail -4
+    timeout "${TOPV_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --leak-check no python "$OUT/memcheck_case.py" 2>&1 | tail -4
   fi
 fi
 
@@ -132,6 +132,24 @@ for B, n, d in ((1, 576, 4096), (64, 576, 4096), (1, 16384, 3584)):
     print(f"-- kernels B={B} n={n} d={d}: " + "; ".join(f"{k} x{c} {us:.1f}us" for k, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])))
 PY
   timeout 200 python "$OUT/timing.py" 2>&1 | tail -30
+fi
+
+if ! skip ncu; then
+  section "ncu (--clock-control none): the cost GEMM at B=1 and B=16, n=576, d=4096, bf16"
+  cat >"$OUT/ncu_case.py" <<'PY'
+import torch, topv
+for B in (1, 16):
+    s = torch.randn(B, 576, 4096, device="cuda", dtype=torch.bfloat16); p = torch.rand(576, 2, device="cuda")
+    topv.cost_matrix(s, s, p, backend="cuda")
+torch.cuda.synchronize()
+PY
+  m=sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed
+  m=$m,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
+  m=$m,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
+  m=$m,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio
+  m=$m,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,gpu__time_duration.sum
+  timeout 120 ncu --clock-control none --kernel-name regex:cost_gemm --metrics "$m" python "$OUT/ncu_case.py" 2>&1 \
+    | grep -E "cost_gemm|^\s+(sm__|dram__|l1tex__|smsp__|gpu__)" | sed -E 's/ +/ /g' | cut -c1-140 | head -30
 fi
 
 if ! skip ptxas; then

@@ -1,0 +1,382 @@
+// Host side of the framework-free API (topv/topv.h): workspace layout and launch sequences.
+// No torch here: this file builds into the torch extension (setup.py) and into the standalone
+// library (CMakeLists.txt) alike.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "topv/cost.cuh"
+#include "topv/select.cuh"
+#include "topv/sinkhorn.cuh"
+#include "topv/topv.h"
+
+namespace topv {
+namespace {
+
+using namespace detail;
+
+#define TOPV_TRY(expr)                        \
+  do {                                        \
+    const cudaError_t topv_err_ = (expr);     \
+    if (topv_err_ != cudaSuccess) return topv_err_; \
+  } while (0)
+
+constexpr int kRowWarps = 8;
+
+int sm_count() {
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// ------------------------------------------------------------------ launches
+
+template <typename T>
+cudaError_t launch_prep(const CheckMat& a, const CheckMat& b, int64_t d, const float* pos, int64_t pos_elems,
+                        int* nonfinite, unsigned* clear, int64_t clear_words, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = d % V == 0 && a.row_stride % V == 0 && b.row_stride % V == 0 &&
+                   reinterpret_cast<uintptr_t>(a.data) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data) % 16 == 0;
+  // Unchecked: just enough blocks to clear the state.
+  const int64_t rows = nonfinite ? std::max<int64_t>({a.rows, b.rows, (pos_elems + 1) / 2}) : 8 * std::min<int64_t>((clear_words + 255) / 256, 64);
+  dim3 grid(unsigned(std::max<int64_t>((rows + 7) / 8, 1)), nonfinite ? 2 : 1);
+  prep_kernel<T><<<grid, 256, 0, st>>>(a, b, d, vec, pos, pos_elems, nonfinite, clear, clear_words);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_prep_dt(DType dt, const CheckMat& a, const CheckMat& b, int64_t d, const float* pos,
+                           int64_t pos_elems, int* nonfinite, unsigned* clear, int64_t clear_words, cudaStream_t st) {
+  switch (dt) {
+    case DType::kFloat32: return launch_prep<float>(a, b, d, pos, pos_elems, nonfinite, clear, clear_words, st);
+    case DType::kFloat16: return launch_prep<__half>(a, b, d, pos, pos_elems, nonfinite, clear, clear_words, st);
+    case DType::kBFloat16:
+      return launch_prep<__nv_bfloat16>(a, b, d, pos, pos_elems, nonfinite, clear, clear_words, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launches one instantiation of the tensor-core GEMM, raising its dynamic shared memory limit
+// once per device (a function attribute, not a stream operation: fine during graph capture).
+template <typename T, int BM, int BN, int WM, int WN, int STAGES, bool VEC>
+cudaError_t launch_mma(dim3 grid, const GemmArgs& ga, const GemmTable& tab, cudaStream_t st) {
+  constexpr size_t smem = mma_smem_bytes<BM, BN, STAGES, T>();
+  auto kernel = cost_gemm_mma_kernel<T, BM, BN, WM, WN, STAGES, VEC>;
+  static bool raised[64] = {};  // per device: the attribute belongs to the device's context
+  int dev = 0;
+  TOPV_TRY(cudaGetDevice(&dev));
+  if (dev >= 64 || !raised[dev]) {
+    TOPV_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    if (dev < 64) raised[dev] = true;
+  }
+  kernel<<<grid, (BM / WM) * (BN / WN) * 32, smem, st>>>(ga, tab);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
+  GemmTable tab;
+  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
+    int max_r = 1, max_c = 1;
+    for (int k = 0; k < cnt; ++k) {
+      tab.seg[k] = segs[base + k];
+      max_r = std::max(max_r, segs[base + k].rows);
+      max_c = std::max(max_c, segs[base + k].cols);
+    }
+    if constexpr (std::is_same<T, float>::value) {
+      dim3 grid(unsigned((max_c + 63) / 64), unsigned((max_r + 63) / 64), unsigned(cnt));
+      cost_gemm_f32_kernel<<<grid, 256, 0, st>>>(ga, tab);
+    } else {
+      const bool vec = ga.d % 8 == 0 && ga.lds % 8 == 0 && ga.ldt % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(ga.S) % 16 == 0 && reinterpret_cast<uintptr_t>(ga.T) % 16 == 0 &&
+                       std::all_of(tab.seg, tab.seg + cnt, [](const GemmSeg& s) { return s.s_off % 8 == 0 && s.t_off % 8 == 0; });
+      // Big tiles when they alone fill the GPU; 64 x 64 tiles otherwise (B = 1, n = 576: 81 blocks
+      // instead of 25).
+      const long long big = (long long)((max_r + 127) / 128) * ((max_c + 127) / 128) * cnt;
+      if (big >= sm_count()) {
+        dim3 grid(unsigned((max_c + 127) / 128), unsigned((max_r + 127) / 128), unsigned(cnt));
+        const cudaError_t e = vec ? launch_mma<T, 128, 128, 64, 32, 4, true>(grid, ga, tab, st)
+                                  : launch_mma<T, 128, 128, 64, 32, 4, false>(grid, ga, tab, st);
+        TOPV_TRY(e);
+      } else {
+        dim3 grid(unsigned((max_c + 63) / 64), unsigned((max_r + 63) / 64), unsigned(cnt));
+        const cudaError_t e = vec ? launch_mma<T, 64, 64, 32, 32, 4, true>(grid, ga, tab, st)
+                                  : launch_mma<T, 64, 64, 32, 32, 4, false>(grid, ga, tab, st);
+        TOPV_TRY(e);
+      }
+    }
+    TOPV_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_gemm(DType dt, const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
+  switch (dt) {
+    case DType::kFloat32: return launch_gemm_t<float>(ga, segs, st);
+    case DType::kFloat16: return launch_gemm_t<__half>(ga, segs, st);
+    case DType::kBFloat16: return launch_gemm_t<__nv_bfloat16>(ga, segs, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// One Sinkhorn pass (row kernel, then the column kernel when `col` is set) over <= kMax segments.
+cudaError_t launch_pass(const RowArgs& ra, const ColArgs* ca, const std::vector<SkSeg>& segs, cudaStream_t st) {
+  SkTable tab;
+  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
+    int max_r = 1, max_c = 1;
+    for (int k = 0; k < cnt; ++k) {
+      tab.seg[k] = segs[base + k];
+      max_r = std::max(max_r, segs[base + k].r1 - segs[base + k].r0);
+      max_c = std::max(max_c, segs[base + k].cols);
+    }
+    sk_row_kernel<kRowWarps><<<dim3(unsigned((max_r + kRowWarps - 1) / kRowWarps), unsigned(cnt)), kRowWarps * 32, 0, st>>>(ra, tab);
+    TOPV_TRY(cudaGetLastError());
+    if (ca) {
+      sk_col_kernel<<<dim3(unsigned((max_c + 31) / 32), unsigned(cnt)), 256, 0, st>>>(*ca, tab);
+      TOPV_TRY(cudaGetLastError());
+    }
+  }
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------ prune layout
+
+struct Group {
+  int64_t first, count;
+  bool streaming;      // one segment whose cost does not fit: row chunks recomputed every pass
+  int64_t chunk_rows;  // streaming only
+  int64_t c_elems;     // cost buffer elements this group needs
+};
+
+std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
+  const int64_t cap = std::max<int64_t>(int64_t(cap_bytes / sizeof(float)), 1);
+  std::vector<Group> out;
+  int64_t k = 0;
+  while (k < a.num_segments) {
+    const int64_t n = a.seg_lens[k];
+    if (n * n > cap) {
+      int64_t rows = std::max<int64_t>(cap / n, 1);
+      if (rows >= 128) rows -= rows % 128;
+      out.push_back({k, 1, true, rows, rows * n});
+      ++k;
+      continue;
+    }
+    Group g{k, 0, false, 0, 0};
+    while (k < a.num_segments && g.count < kMaxSegmentsPerLaunch) {
+      const int64_t nk = a.seg_lens[k];
+      if (nk * nk > cap || g.c_elems + nk * nk > cap) break;
+      g.c_elems += nk * nk;
+      ++g.count;
+      ++k;
+    }
+    out.push_back(g);
+  }
+  return out;
+}
+
+struct PruneWs {
+  float *f, *g, *fnew, *viol, *colmax, *colsum, *C;
+  int* done;
+  size_t bytes;
+};
+
+PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void* base) {
+  Carver cv{static_cast<char*>(base)};
+  const size_t T = size_t(a.total_rows);
+  PruneWs w{};
+  // f, g and done are adjacent so the first kernel clears them in one sweep.
+  w.f = cv.take<float>(2 * T);
+  w.g = w.f ? w.f + T : nullptr;
+  w.done = cv.take<int>(size_t(a.num_segments));
+  w.fnew = cv.take<float>(T);
+  w.viol = cv.take<float>(T);
+  w.colmax = cv.take<float>(T);
+  w.colsum = cv.take<float>(T);
+  int64_t c = 1;
+  for (const Group& g : groups) c = std::max(c, g.c_elems);
+  w.C = cv.take<float>(size_t(c));
+  w.bytes = cv.used;
+  return w;
+}
+
+bool prune_args_ok(const PruneArgs& a) {
+  if (!a.source || !a.target || !a.positions || a.total_rows < 1 || a.d < 1 || a.num_segments < 1) return false;
+  if (a.sinkhorn.n_iters < 1 || !(a.sinkhorn.eps > 0) || !(a.sinkhorn.tol >= 0)) return false;
+  if (!(a.recover_ratio >= 0 && a.recover_ratio < 1)) return false;
+  int64_t total = 0;
+  for (int64_t k = 0; k < a.num_segments; ++k) {
+    if (a.seg_lens[k] < 1 || a.keep[k] < 1 || a.keep[k] > a.seg_lens[k]) return false;
+    if (a.padded && a.seg_lens[k] != a.seg_lens[0]) return false;
+    if (a.seg_lens[k] > (int64_t(1) << 30)) return false;
+    total += a.seg_lens[k];
+  }
+  if (total != a.total_rows || a.total_rows >= (int64_t(1) << 31)) return false;
+  return a.position_rows == a.total_rows || (a.padded && a.position_rows == a.seg_lens[0]);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ cost_matrix
+
+size_t cost_matrix_workspace_size(const CostArgs&) { return 0; }  // norms are computed in the GEMM
+
+cudaError_t cost_matrix(const CostArgs& a, float* out, void*, size_t, cudaStream_t st) {
+  if (a.batch < 1 || a.n < 1 || a.m < 1 || a.d < 1 || a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
+    return cudaErrorInvalidValue;
+  GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.src_pos, a.tgt_pos,
+              a.src_pos_row_stride, a.tgt_pos_row_stride, out, nullptr,
+              0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
+  std::vector<GemmSeg> segs(size_t(a.batch));
+  for (int64_t b = 0; b < a.batch; ++b)
+    segs[b] = GemmSeg{b * a.source_batch_stride, b * a.target_batch_stride, b * a.n * a.m,
+                      int(b * a.src_pos_batch_stride), int(b * a.tgt_pos_batch_stride), int(a.n), int(a.m), int(b)};
+  return launch_gemm(a.dtype, ga, segs, st);
+}
+
+// ------------------------------------------------------------------ sinkhorn
+
+size_t sinkhorn_workspace_size(const SinkhornArgs& a) {
+  Carver cv{nullptr};
+  cv.take<float>(size_t(a.batch * a.n));  // fnew
+  cv.take<float>(size_t(a.batch * a.n));  // viol
+  cv.take<float>(size_t(a.batch * a.m));  // colmax
+  cv.take<float>(size_t(a.batch * a.m));  // colsum
+  cv.take<int>(size_t(a.batch));          // done
+  return cv.used;
+}
+
+cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace, size_t workspace_bytes,
+                     cudaStream_t st) {
+  const SinkhornParams& p = a.sinkhorn;
+  if (a.batch < 1 || a.n < 1 || a.m < 1 || p.n_iters < 1 || !(p.eps > 0) || !(p.tol >= 0) ||
+      workspace_bytes < sinkhorn_workspace_size(a) || a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
+    return cudaErrorInvalidValue;
+  Carver cv{static_cast<char*>(workspace)};
+  float* fnew = cv.take<float>(size_t(a.batch * a.n));
+  float* viol = cv.take<float>(size_t(a.batch * a.n));
+  float* colmax = cv.take<float>(size_t(a.batch * a.m));
+  float* colsum = cv.take<float>(size_t(a.batch * a.m));
+  int* done = cv.take<int>(size_t(a.batch));
+  TOPV_TRY(cudaMemsetAsync(f, 0, sizeof(float) * a.batch * a.n, st));
+  TOPV_TRY(cudaMemsetAsync(g, 0, sizeof(float) * a.batch * a.m, st));
+  TOPV_TRY(cudaMemsetAsync(done, 0, sizeof(int) * a.batch, st));
+  std::vector<SkSeg> segs(size_t(a.batch));
+  for (int64_t b = 0; b < a.batch; ++b)
+    segs[b] = SkSeg{b * a.n * a.m, int(a.n), int(a.m), int(b * a.n), int(b * a.m), 0, int(a.n), int(b)};
+  const bool tol = p.tol > 0;
+  for (int t = 1; t <= p.n_iters; ++t) {
+    const bool check = tol && t >= 2;
+    RowArgs ra{a.cost, g, f, fnew, check ? viol : nullptr, nullptr, a.log_a, done, p.eps};
+    ColArgs ca{a.cost, fnew, f, g, colmax, colsum, a.log_b, done, viol, p.eps, p.tol, 1, 1, check ? 1 : 0};
+    TOPV_TRY(launch_pass(ra, &ca, segs, st));
+  }
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------ prune
+
+size_t prune_workspace_size(const PruneArgs& a, size_t cap) {
+  if (!prune_args_ok(a)) return 0;
+  return prune_layout(a, make_groups(a, cap), nullptr).bytes;
+}
+
+cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfinite, void* workspace,
+                  size_t workspace_bytes, cudaStream_t st, size_t cap) {
+  if (!prune_args_ok(a)) return cudaErrorInvalidValue;
+  const std::vector<Group> groups = make_groups(a, cap);
+  if (workspace_bytes < prune_layout(a, groups, nullptr).bytes) return cudaErrorInvalidValue;
+  const PruneWs w = prune_layout(a, groups, workspace);
+  const SinkhornParams& p = a.sinkhorn;
+  const int64_t S = a.num_segments;
+
+  const int64_t clear_words = (reinterpret_cast<char*>(w.done + S) - reinterpret_cast<char*>(w.f)) / 4;
+  if (a.check_finite) TOPV_TRY(cudaMemsetAsync(nonfinite, 0, sizeof(int), st));
+  const CheckMat ms{a.source, a.source_row_stride, a.total_rows}, mt{a.target, a.target_row_stride, a.total_rows};
+  TOPV_TRY(launch_prep_dt(a.dtype, ms, mt, a.d, a.positions, a.position_rows * 2, a.check_finite ? nonfinite : nullptr,
+                          reinterpret_cast<unsigned*>(w.f), clear_words, st));
+
+  std::vector<int64_t> start(static_cast<size_t>(S)), out_start(static_cast<size_t>(S));
+  for (int64_t k = 0, r = 0, o = 0; k < S; r += a.seg_lens[k], o += a.keep[k], ++k) {
+    start[k] = r;
+    out_start[k] = o;
+  }
+  const bool shared_pos = a.position_rows != a.total_rows;
+  // Float offset of the position of packed row `row`, which is row `local` of its segment.
+  auto pos_off = [&](int64_t row, int64_t local) { return int(2 * (shared_pos ? local : row)); };
+  GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d,
+              a.positions, a.positions, 2, 2, w.C, w.done,
+              0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
+  const bool tol = p.tol > 0;
+  auto row_args = [&](int t) {
+    return RowArgs{w.C, w.g, w.f, w.fnew, tol && t >= 2 ? w.viol : nullptr, scores, nullptr, w.done, p.eps};
+  };
+  auto col_args = [&](int t, bool first, bool last) {
+    return ColArgs{w.C, w.fnew, w.f, w.g, w.colmax, w.colsum, nullptr, w.done, w.viol, p.eps, p.tol,
+                   first ? 1 : 0, last ? 1 : 0, tol && t >= 2 ? 1 : 0};
+  };
+
+  for (const Group& grp : groups) {
+    if (!grp.streaming) {
+      std::vector<GemmSeg> gs;
+      std::vector<SkSeg> ss;
+      long long c_off = 0;
+      for (int64_t k = grp.first; k < grp.first + grp.count; ++k) {
+        const int n = int(a.seg_lens[k]);
+        const int64_t r = start[k];
+        gs.push_back(GemmSeg{r * a.source_row_stride, r * a.target_row_stride, c_off, pos_off(r, 0), pos_off(r, 0), n,
+                             n, int(k)});
+        ss.push_back(SkSeg{c_off, n, n, int(r), int(r), 0, n, int(k)});
+        c_off += (long long)n * n;
+      }
+      TOPV_TRY(launch_gemm(a.dtype, ga, gs, st));
+      for (int t = 1; t <= p.n_iters + 1; ++t) {
+        const RowArgs ra = row_args(t);
+        const ColArgs ca = col_args(t, true, true);
+        TOPV_TRY(launch_pass(ra, t <= p.n_iters ? &ca : nullptr, ss, st));
+      }
+    } else {
+      const int64_t k = grp.first;
+      const int n = int(a.seg_lens[k]);
+      const int64_t r = start[k];
+      std::vector<int64_t> chunks;
+      for (int64_t c0 = 0; c0 < n; c0 += grp.chunk_rows) chunks.push_back(c0);
+      const size_t nc = chunks.size();
+      for (int t = 1; t <= p.n_iters + 1; ++t) {
+        // Passes alternate the chunk order, so each pass starts on the chunk the previous pass
+        // left in the buffer and skips recomputing it.
+        for (size_t idx = 0; idx < nc; ++idx) {
+          const int64_t c0 = chunks[t % 2 == 1 ? idx : nc - 1 - idx];
+          const int c1 = int(std::min<int64_t>(n, c0 + grp.chunk_rows));
+          if (t == 1 || idx > 0) {
+            const std::vector<GemmSeg> gs{GemmSeg{(r + c0) * a.source_row_stride, r * a.target_row_stride, 0,
+                                                  pos_off(r + c0, c0), pos_off(r, 0), c1 - int(c0), n, int(k)}};
+            TOPV_TRY(launch_gemm(a.dtype, ga, gs, st));
+          }
+          const std::vector<SkSeg> ss{SkSeg{0, n, n, int(r), int(r), int(c0), c1, int(k)}};
+          const RowArgs ra = row_args(t);
+          const ColArgs ca = col_args(t, idx == 0, idx + 1 == nc);
+          TOPV_TRY(launch_pass(ra, t <= p.n_iters ? &ca : nullptr, ss, st));
+        }
+      }
+    }
+  }
+
+  std::vector<SelSeg> sel(static_cast<size_t>(S));
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t keep = a.keep[k];
+    const int k_rec = int(std::floor(a.recover_ratio * double(keep)));
+    sel[k] = SelSeg{start[k], a.padded ? 0 : start[k], out_start[k], int(a.seg_lens[k]), int(keep), k_rec};
+  }
+  SelTable tab;
+  for (int64_t base = 0; base < S; base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<int64_t>(kMaxSegmentsPerLaunch, S - base));
+    std::copy(sel.begin() + base, sel.begin() + base + cnt, tab.seg);
+    select_kernel<1024><<<cnt, 1024, 0, st>>>(scores, tab, kept);
+    TOPV_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+}  // namespace topv
