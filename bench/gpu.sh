@@ -34,8 +34,8 @@ for step in $steps; do
     t0=$(date +%s)
     case $step in
     tests)
-        python3 -m pytest -q -p no:cacheprovider -x tests >"$OUT/tests.log" 2>&1 || status=1
-        tail -5 "$OUT/tests.log" ;;
+        python3 -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || status=1
+        grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -2 "$OUT/tests.log" ;;
     native)
         # CMake library + ctest smoke test, compute-sanitizer memcheck, ptxas resource usage.
         TOPV_SKIP="build tests timing ncu" OUT="$OUT" bash bench/gpu_native.sh 2>&1 | tee "$OUT/native.log" | tail -25 ;;
@@ -45,7 +45,8 @@ for step in $steps; do
         tail -n +3 "$OUT/bench_prune.log" | grep -v "^#" | tail -45 ;;
     e2e-llava|e2e-qwen)
         setup=$([ "$step" = e2e-llava ] && echo llava7b || echo qwen2vl7b)
-        python3 bench/bench_e2e.py --setups "$setup" --out "$OUT/$step" >"$OUT/$step.log" 2>&1 || status=1
+        python3 bench/bench_e2e.py --setups "$setup" --new-tokens "${E2E_NEW_TOKENS:-256}" --out "$OUT/$step" \
+            >"$OUT/$step.log" 2>&1 || status=1
         tail -25 "$OUT/$step.log" ;;
     *) echo "unknown step $step"; status=1 ;;
     esac
