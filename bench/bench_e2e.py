@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (bench/common.py: environment and versions of a run)
 
 import topv  # noqa: E402
 from topv.integrations import tiny_models as tm  # noqa: E402
@@ -278,16 +279,11 @@ def run_case(name, model, inputs, method, spec, device, args):
 
 
 def environment(device):
-    import transformers
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=root).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root).stdout.strip()
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": sha + ("+dirty" if dirty else ""),
-            "about": "random weights: speed and memory do not depend on the weights, only on the shapes"}
+    env = common.environment()
+    if device.type != "cuda":
+        env["gpu"] = platform.processor() or "cpu"
+    env["about"] = "random weights: speed and memory do not depend on the weights, only on the shapes"
+    return env
 
 
 def main(argv=None):

@@ -59,19 +59,27 @@ class Result:
 
 
 def environment() -> dict:
-    import triton
+    """Device, versions and git commit of a benchmark run."""
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
 
     # The GPU machine gets a copy of the tree without .git: the caller passes TOPV_COMMIT there.
+    here = os.path.dirname(os.path.abspath(__file__))
     sha = os.environ.get("TOPV_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-    ).stdout.strip() or "unknown"
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip() or "unknown"
     dirty = "" if os.environ.get("TOPV_COMMIT") else subprocess.run(
-        ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here).stdout.strip()
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton.__version__,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
         "python": platform.python_version(),
         "commit": sha + ("+dirty" if dirty else ""),
     }

@@ -110,3 +110,18 @@ def test_import_and_reference_without_triton():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_auto_follows_the_measured_crossover(monkeypatch):
+    from topv import ops
+
+    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference", "triton", "cuda"])
+    cuda = torch.device("cuda")
+    small, large = 2 * 576 * 576 * 4096, 2 * 16 * 576 * 576 * 4096  # B=1 and B=16 LLaVA-1.5 prunes
+    assert ops.resolve_backend("auto", cuda, small) == "cuda"  # launch-bound from Python
+    assert ops.resolve_backend("auto", cuda, large) == "triton"
+    assert ops.resolve_backend("auto", cuda, 0.0) == "cuda"  # Sinkhorn alone
+    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference", "triton"])
+    assert ops.resolve_backend("auto", cuda, small) == "triton"
+    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference"])
+    assert ops.resolve_backend("auto", torch.device("cpu"), small) == "reference"

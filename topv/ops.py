@@ -187,21 +187,33 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return "unknown reason"
 
 
-# What `auto` prefers, fastest first, from bench/results (H100, bf16, 3 iterations): the Triton path
-# beat the CUDA C++ path at every benchmarked shape, launched from Python and from a CUDA graph, so
-# there is no crossover to switch on yet; on CPU the C++ kernels beat the eager reference ~3x.
-_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+# How `auto` chooses on CUDA, from the crossover measured in bench/results/h100 (H100, bf16, 3
+# iterations). Launched from Python, small work is launch-bound and the C++ launchers win:
+# prune at B=1, n=576 took 189 µs (cuda) against 566-1084 µs (triton); above ~20 GFLOP of cost
+# GEMM Triton's faster GEMM wins (B=16, n=576: 476 against 585 µs). The CUDA Sinkhorn alone (no
+# GEMM) was the faster one launched from Python at every shape. Replayed from a CUDA graph Triton
+# won every shape (prune B=1: 58 against 147 µs), but `auto` does not switch on capture: the
+# eager warm-up before a capture must build the same backend's per-layout tables. Pass
+# backend="triton" explicitly to capture the fastest replay. On CPU the C++ kernels beat the
+# eager reference about 3x.
+_EAGER_CUDA_MAX_FLOPS = 20e9
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _auto(device: torch.device, avail: list[str], gemm_flops: float) -> str:
+    if device.type == "cuda":
+        order = ("cuda", "triton") if gemm_flops <= _EAGER_CUDA_MAX_FLOPS else ("triton", "cuda")
+    else:
+        order = ("cpp",)
+    return next((b for b in order if b in avail), "reference")
+
+
+def resolve_backend(backend: str, device: torch.device, gemm_flops: float = 0.0) -> str:
+    """The backend that runs; ``gemm_flops`` (the op's cost-GEMM FLOPs) steers ``auto``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     avail = available_backends(device)
     if backend == "auto":
-        for b in _AUTO_ORDER.get(device.type, ()):
-            if b in avail:
-                return b
-        return "reference"
+        return _auto(device, avail, gemm_flops)
     if backend not in avail:
         raise ValueError(
             f"backend={backend!r} is not available for tensors on {device}: {_why_unavailable(backend, device)}. "
@@ -258,7 +270,7 @@ def _batched_pos(pos: torch.Tensor, batch: int) -> torch.Tensor:
 @_impl("cost_matrix")
 def _cost_matrix(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, backend="auto"):
     _check_cost_matrix(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma)
-    backend = resolve_backend(backend, source.device)
+    backend = resolve_backend(backend, source.device, 2.0 * source[..., 0].numel() * target.shape[-2] * source.shape[-1])
     squeeze = source.dim() == 2
     s, t = (source[None], target[None]) if squeeze else (source, target)
     B = s.shape[0]
@@ -419,7 +431,7 @@ def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.
            n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
     segs = Segments.of(*_check_prune(source, target, positions, keep, seg_lens, params))
-    backend = resolve_backend(backend, source.device)
+    backend = resolve_backend(backend, source.device, 2.0 * source.shape[-1] * sum(n * n for n in segs.lens))
     if backend == "reference":
         bad = _nonfinite_flag(source, target, positions) if check_finite else None
         kept, scores = _prune_reference(source, target, positions, segs, params)
