@@ -207,15 +207,7 @@ def lm_prefill_timings(model, inputs, session, device, reps):
     graph_ms, note = None, ""
     if device.type == "cuda":
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
+            g = common.capture_graph(run)
             g.replay()
             t, _ = timed(g.replay, device, max(reps, 5))
             graph_ms = t * 1e3

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, bench_graph, bench_python, ceilings, environment, print_table, temp_mib, write  # noqa: E402
+from common import CONFIGS, Result, ceilings, environment, finish, measure, print_table  # noqa: E402
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -71,7 +71,7 @@ def main():
         providers.insert(providers.index("triton") + 1, "triton+check")
     if "cuda" in providers:
         providers.insert(providers.index("cuda") + 1, "cuda+check")
-    results, keep_alive = [], []
+    results = []
     print_table([])
     for cfg in [c for c in CONFIGS if c.name in args.configs.split(",")]:
         src, tgt, pos = make_inputs(cfg)
@@ -95,28 +95,12 @@ def main():
             elif ref_kept is not None:
                 agree = (kept == ref_kept).float().mean().item()
                 note = f"kept == reference: {100 * agree:.1f}%"
-            mem = temp_mib(fn, keep_alive)
-            keep_alive.clear()
             modes = ["python"] if prov.endswith("+check") else ["python", "graph"]
-            for mode in modes:
-                try:
-                    us = bench_python(fn) if mode == "python" else bench_graph(fn)
-                except Exception as e:
-                    results.append(Result(cfg.name, prov, mode, None, note=f"failed: {type(e).__name__}: {e}"[:200]))
-                    continue
-                if prov == "reference":
-                    ref_us[mode] = us
-                results.append(Result(
-                    cfg.name, prov, mode, us, tflops=flops / (us * 1e-6) / 1e12, gbps=nbytes / (us * 1e-6) / 1e9,
-                    floor_ratio=us / floor_us, speedup_vs_reference=ref_us[mode] / us if mode in ref_us else None,
-                    temp_mib=mem, note=note))
-                print_table(results[-1:], header=False)
+            measure(results, cfg.name, prov, fn, modes, flops=flops, nbytes=nbytes, floor_us=floor_us, ref_us=ref_us,
+                    note=note)
         del src, tgt, pos
         torch.cuda.empty_cache()
-    print()
-    print_table(results)
-    write(results, env, ceil, args.out)
-    print(f"# wrote {args.out}.json/.csv")
+    finish(results, env, ceil, args.out)
 
 
 if __name__ == "__main__":

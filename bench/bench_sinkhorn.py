@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, bench_graph, bench_python, ceilings, environment, print_table, temp_mib, write  # noqa: E402
+from common import CONFIGS, Result, ceilings, environment, finish, measure, print_table  # noqa: E402
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -69,7 +69,7 @@ def main():
         except ImportError:
             print("# POT not installed: skipping provider 'pot'")
             providers.remove("pot")
-    results, keep_alive = [], []
+    results = []
     print_table([])
     for cfg in [c for c in CONFIGS if c.name in args.configs.split(",")]:
         g = torch.Generator(device="cuda").manual_seed(1)
@@ -85,27 +85,11 @@ def main():
             except Exception as e:
                 results.append(Result(cfg.name, prov, "python", None, note=f"failed: {type(e).__name__}: {e}"[:200]))
                 continue
-            mem = temp_mib(fn, keep_alive)
-            keep_alive.clear()
-            for mode in ["python"] if prov == "pot" else ["python", "graph"]:
-                try:
-                    us = bench_python(fn) if mode == "python" else bench_graph(fn)
-                except Exception as e:
-                    results.append(Result(cfg.name, prov, mode, None, note=f"failed: {type(e).__name__}: {e}"[:200]))
-                    continue
-                if prov == "reference":
-                    ref_us[mode] = us
-                results.append(Result(cfg.name, prov, mode, us, gbps=nbytes / (us * 1e-6) / 1e9,
-                                      floor_ratio=us / floor_us,
-                                      speedup_vs_reference=ref_us[mode] / us if mode in ref_us else None,
-                                      temp_mib=mem))
-                print_table(results[-1:], header=False)
+            measure(results, cfg.name, prov, fn, ["python"] if prov == "pot" else ["python", "graph"],
+                    nbytes=nbytes, floor_us=floor_us, ref_us=ref_us)
         del C
         torch.cuda.empty_cache()
-    print()
-    print_table(results)
-    write(results, env, ceil, args.out)
-    print(f"# wrote {args.out}.json/.csv")
+    finish(results, env, ceil, args.out)
 
 
 if __name__ == "__main__":

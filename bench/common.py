@@ -92,10 +92,8 @@ def bench_python(fn, *, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     return 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def bench_graph(fn, *, rep_ms: int = 300) -> float:
-    """Median microseconds per replay of a CUDA graph that holds one fn() call."""
-    from triton.testing import do_bench
-
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph holding one fn() call, after two warm-up calls on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -106,9 +104,44 @@ def bench_graph(fn, *, rep_ms: int = 300) -> float:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    us = 1e3 * do_bench(graph.replay, warmup=20, rep=rep_ms, return_mode="median")
-    del graph
-    return us
+    return graph
+
+
+def bench_graph(fn, *, rep_ms: int = 300) -> float:
+    """Median microseconds per replay of a CUDA graph that holds one fn() call."""
+    from triton.testing import do_bench
+
+    graph = capture_graph(fn)
+    return 1e3 * do_bench(graph.replay, warmup=20, rep=rep_ms, return_mode="median")
+
+
+def measure(results: list, config: str, provider: str, fn, modes, *, nbytes: float, floor_us: float, ref_us: dict,
+            flops: float | None = None, note: str = "") -> None:
+    """Time fn in each mode ("python", "graph"), append one Result per mode and print it.
+    ``ref_us`` collects the reference provider's times for the speed-up column."""
+    keep_alive: list = []
+    mem = temp_mib(fn, keep_alive)
+    keep_alive.clear()
+    for mode in modes:
+        try:
+            us = bench_python(fn) if mode == "python" else bench_graph(fn)
+        except Exception as e:  # a provider that cannot run a mode is reported, not fatal
+            results.append(Result(config, provider, mode, None, note=f"failed: {type(e).__name__}: {e}"[:200]))
+            continue
+        if provider == "reference":
+            ref_us[mode] = us
+        results.append(Result(
+            config, provider, mode, us, tflops=None if flops is None else flops / (us * 1e-6) / 1e12,
+            gbps=nbytes / (us * 1e-6) / 1e9, floor_ratio=us / floor_us,
+            speedup_vs_reference=ref_us[mode] / us if mode in ref_us else None, temp_mib=mem, note=note))
+        print_table(results[-1:], header=False)
+
+
+def finish(results: list, env: dict, ceil: dict, out_prefix: str) -> None:
+    print()
+    print_table(results)
+    write(results, env, ceil, out_prefix)
+    print(f"# wrote {out_prefix}.json/.csv")
 
 
 def temp_mib(fn, keep_alive) -> float:

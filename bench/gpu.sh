@@ -42,7 +42,7 @@ for step in $steps; do
         grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -2 "$OUT/tests.log" ;;
     native)
         # CMake library + ctest smoke test, compute-sanitizer memcheck, ptxas resource usage.
-        TOPV_SKIP="build tests timing ncu" OUT="$OUT" bash bench/gpu_native.sh 2>&1 | tee "$OUT/native.log" | tail -25 ;;
+        TOPV_SKIP="build tests ncu" OUT="$OUT" bash bench/gpu_native.sh 2>&1 | tee "$OUT/native.log" | tail -25 ;;
     kernels)
         python3 bench/bench_prune.py --out "$OUT/prune" >"$OUT/bench_prune.log" 2>&1 || status=1
         python3 bench/bench_sinkhorn.py --out "$OUT/sinkhorn" >"$OUT/bench_sinkhorn.log" 2>&1 || status=1

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the C++/CUDA extension topv._C (run on the H100 from the repo root):
-# build, tests, memcheck, CMake + ctest, timings (do_bench median and CUDA-graph replay) and the
-# ptxas resource usage of the main kernels, ncu metrics of the cost GEMM. Writes logs to $OUT
-# when set. Sections can be skipped with TOPV_SKIP="build tests cmake sanitizer timing ncu ptxas".
+# GPU checks of the C++/CUDA extension topv._C (run on the H100 from the repo root): build,
+# tests, CMake + ctest, compute-sanitizer memcheck, ncu metrics of the cost GEMM and the ptxas
+# resource usage of the main kernels (timings: bench/bench_prune.py). bench/gpu.sh runs the
+# sections it does not cover itself. Writes logs to $OUT when set. Sections can be skipped with
+# TOPV_SKIP="build tests cmake sanitizer ncu ptxas".
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 OUT=${OUT:-$(mktemp -d)}
@@ -76,62 +77,6 @@ PY
   if [ "${TOPV_SANITIZE_PYTHON:-1}" = 1 ]; then
     timeout "${TOPV_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --leak-check no python "$OUT/memcheck_case.py" 2>&1 | tail -4
   fi
-fi
-
-if ! skip timing; then
-  section "timings (bf16, 3 iterations, keep 25%)"
-  cat >"$OUT/timing.py" <<'PY'
-import torch, topv, triton.testing as tt
-torch.manual_seed(0)
-dev = "cuda"
-print(torch.cuda.get_device_name(), "torch", torch.__version__)
-cases = [(1, 576, 4096), (16, 576, 4096), (64, 576, 4096), (1, 2880, 3584), (1, 16384, 3584)]
-backends = [b for b in ("cuda", "triton") if b in topv.available_backends(dev)]
-rows = []
-for B, n, d in cases:
-    s = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
-    t = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
-    p = topv.grid_positions(24, 24).to(dev) if n == 576 else torch.rand(n, 2, device=dev)
-    keep = [n // 4]
-    flops = 2.0 * B * n * n * d
-    floor_us = max(flops / 700e12, 2 * s.numel() * 2 / 2.9e12) * 1e6
-    for be in backends:
-        run = lambda: topv.prune(s, t, p, keep, backend=be, check_finite=False)
-        try:
-            run(); torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-            run(); torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            eager = tt.do_bench(run, warmup=5, rep=50 if n < 16384 else 200, return_mode="median") * 1e3
-            st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(st):
-                run()
-            torch.cuda.current_stream().wait_stream(st)
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                run()
-            graph = tt.do_bench(gr.replay, warmup=5, rep=50 if n < 16384 else 200, return_mode="median") * 1e3
-            rows.append(f"{be:6s} B={B:<3d} n={n:<6d} d={d:<5d} eager {eager:9.1f} us  graph {graph:9.1f} us  "
-                        f"floor {floor_us:8.1f} us ({graph/floor_us:5.2f}x)  {flops/graph/1e6:6.1f} TFLOP/s  peak mem {peak:7.1f} MiB")
-        except Exception as e:  # report and go on: one failing case must not hide the others
-            rows.append(f"{be:6s} B={B} n={n} d={d}: {type(e).__name__}: {str(e)[:160]}")
-        print(rows[-1], flush=True)
-# Where the time goes at B=1, n=576 and n=16384 (cuda backend, one call, kernel sums).
-from torch.profiler import profile, ProfilerActivity
-for B, n, d in ((1, 576, 4096), (64, 576, 4096), (1, 16384, 3584)):
-    s = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16); t = torch.randn(B, n, d, device=dev, dtype=torch.bfloat16)
-    p = torch.rand(n, 2, device=dev)
-    topv.prune(s, t, p, [n // 4], backend="cuda", check_finite=False); torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        topv.prune(s, t, p, [n // 4], backend="cuda", check_finite=False); torch.cuda.synchronize()
-    agg = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            k = e.name.split("<")[0].split("(")[0][-40:]
-            c = agg.setdefault(k, [0, 0.0]); c[0] += 1; c[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    print(f"-- kernels B={B} n={n} d={d}: " + "; ".join(f"{k} x{c} {us:.1f}us" for k, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])))
-PY
-  timeout 200 python "$OUT/timing.py" 2>&1 | tail -30
 fi
 
 if ! skip ncu; then
