@@ -114,14 +114,6 @@ class Segments:
             self._device_cache[key] = build(self, device)
         return self._device_cache[key]
 
-    def table(self, device: torch.device) -> torch.Tensor:
-        """int64 (S, 4): start row, length, keep, first output slot of each segment."""
-        return self.cached(
-            device,
-            "table",
-            lambda s, dev: torch.tensor(list(zip(s.starts, s.lens, s.keep, s.out_starts)), dtype=torch.int64, device=dev),
-        )
-
 
 @dataclass(frozen=True)
 class PruneParams:
