@@ -21,10 +21,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-# On the H100 machine the default compiler (/opt/gcc/bin/g++, a wrapper) builds an extension in
-# which a failing TORCH_CHECK kills the process (SIGSEGV) instead of raising; the system g++ of
-# the same version builds one that raises. Prefer it where it exists.
-if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# On the H100 machine the environment's compiler (CXX=/opt/gcc/bin/g++, a wrapper) builds an
+# extension in which a failing TORCH_CHECK kills the process (SIGSEGV) instead of raising; the
+# system g++ of the same version builds one that raises. Use it where it exists (TOPV_CXX overrides).
+if [ -n "${TOPV_CXX:-}" ]; then export CXX=$TOPV_CXX; elif [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     # Keep the Python and Triton paths testable even when the extension does not build.
