@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, ceilings, environment, finish, measure, print_table  # noqa: E402
+from common import CONFIGS, Result, available_providers, ceilings, environment, finish, measure, print_table  # noqa: E402
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -65,8 +65,7 @@ def main():
 
     env, ceil = environment(), ceilings()
     print(f"# {env}\n# ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
-    available = topv.available_backends("cuda")
-    providers = [p for p in args.providers.split(",") if p.split("+")[0] not in ("triton", "cuda") or p.split("+")[0] in available]
+    providers = available_providers(args.providers)
     if "triton" in providers:
         providers.insert(providers.index("triton") + 1, "triton+check")
     if "cuda" in providers:

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, ceilings, environment, finish, measure, print_table  # noqa: E402
+from common import CONFIGS, Result, available_providers, ceilings, environment, finish, measure, print_table  # noqa: E402
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -61,8 +61,7 @@ def main():
         sys.exit("bench_sinkhorn.py needs a CUDA device")
     env, ceil = environment(), ceilings()
     print(f"# {env}\n# ceilings: copy {ceil['copy_gbps']:.0f} GB/s")
-    available = topv.available_backends("cuda")
-    providers = [p for p in args.providers.split(",") if p not in ("triton", "cuda") or p in available]
+    providers = available_providers(args.providers)
     if "pot" in providers:
         try:
             import ot  # noqa: F401

@@ -92,6 +92,15 @@ def bench_python(fn, *, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     return 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def available_providers(requested: str) -> list[str]:
+    """The comma-separated providers, less topv backends (``triton``, ``cuda``, and their
+    ``+check`` variants) that this machine cannot run."""
+    import topv
+
+    avail = topv.available_backends("cuda")
+    return [p for p in requested.split(",") if p.split("+")[0] not in ("triton", "cuda") or p.split("+")[0] in avail]
+
+
 def capture_graph(fn) -> torch.cuda.CUDAGraph:
     """A CUDA graph holding one fn() call, after two warm-up calls on a side stream."""
     s = torch.cuda.Stream()

@@ -7,6 +7,7 @@ large shapes. --sweep adds host-overhead numbers, a GEMM tile sweep on one n=163
 sweeps at n=576 (B=1, 16). --quick skips the eager-reference timings.
 """
 
+import os
 import sys
 import time
 
@@ -16,6 +17,9 @@ import triton.language as tl
 
 import topv
 from topv import reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_graph  # noqa: E402  (bench/common.py: one CUDA-graph timing for every benchmark)
 
 SHAPES = [  # (B, n, d, keep)
     (1, 576, 4096, 144),
@@ -43,18 +47,6 @@ def wall_us(fn, reps):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps * 1e6
-
-
-def graph_us(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=50, rep=200) * 1e3
 
 
 def breakdown(fn):
@@ -89,7 +81,7 @@ def main():
         tmp = (torch.cuda.max_memory_allocated() - base) / 2**20
         reps = 5 if n >= 16384 else 100
         py = wall_us(fn, reps)
-        gr = graph_us(fn) if n < 16384 else float("nan")
+        gr = bench_graph(fn) if n < 16384 else float("nan")
         print(f"B={B:<3d} n={n:<6d} d={d:<5d} k={k:<5d} {py:9.1f} {gr:9.1f} {tmp:8.1f}  {breakdown(fn)}", flush=True)
         if n in (2880, 16384):  # against the float64 reference, on the GPU
             kept, sc = fn()
@@ -176,16 +168,16 @@ def sweep():
         line = []
         for cfg in cost_cfgs:
             _triton._cost_config = lambda tiles, dtype, cfg=cfg: cfg
-            line.append(f"cost{cfg[:3]}={graph_us(fn):.1f}")
+            line.append(f"cost{cfg[:3]}={bench_graph(fn):.1f}")
         _triton._cost_config = orig_cost
         orig_split = _triton._split_k
         for split in (1, 2, 3, 4):
             _triton._split_k = lambda tiles, d, dtype, split=split: split
-            line.append(f"split{split}={graph_us(fn):.1f}")
+            line.append(f"split{split}={bench_graph(fn):.1f}")
         _triton._split_k = orig_split
         for bm in (4, 8, 16):
             _triton._row_config = lambda n, m, s, bm=bm: (bm, 1024, True, 8 if bm * 1024 >= 8192 else 4)
-            line.append(f"row{bm}={graph_us(fn):.1f}")
+            line.append(f"row{bm}={bench_graph(fn):.1f}")
         _triton._row_config = orig_row
         print(f"sweep B={B}: " + " ".join(line), flush=True)
 

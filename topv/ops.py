@@ -320,12 +320,11 @@ def _sinkhorn(cost, a=None, b=None, *, eps=0.1, n_iters=3, tol=0.0, backend="aut
     backend = resolve_backend(backend, cost.device)
     squeeze = cost.dim() == 2
     C = cost[None] if squeeze else cost
+    log_a, log_b = _log_weights(a, "a"), _log_weights(b, "b")  # also validates the marginals
     if backend == "reference":
-        _log_weights(a, "a"), _log_weights(b, "b")
         f, g = reference.sinkhorn(C, a, b, eps=eps, n_iters=n_iters, tol=tol)
         f, g = f.float(), g.float()
     else:
-        log_a, log_b = _log_weights(a, "a"), _log_weights(b, "b")
         if log_a is not None:
             log_a = log_a.expand(C.shape[0], C.shape[1]).contiguous()
         if log_b is not None:
