@@ -5,7 +5,9 @@ Environment switches (also listed in the README):
 * ``TOPV_BUILD_EXT=0`` skips the C++ extension entirely (pure-Python install).
 * ``TOPV_BUILD_CUDA=0/1`` forces the CUDA sources off or on. By default they are built when torch
   has CUDA and nvcc is found; otherwise the install says what it skipped and goes on.
-* ``TORCH_CUDA_ARCH_LIST`` defaults to "9.0" (Hopper) when no GPU is visible.
+* ``TORCH_CUDA_ARCH_LIST`` defaults to the visible GPUs' archs, else "9.0" (Hopper). A plain 9.0
+  builds as "9.0a" (sm_90a: the wgmma cost GEMM, ``-DTOPV_HAS_SM90A=1``); ``TOPV_NO_SM90A=1``
+  keeps plain 9.0 (the mma.sync GEMM only).
 
 Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
 that will load it.
@@ -24,6 +26,22 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _say(msg: str) -> None:
     print(f"[topv setup] {msg}", file=sys.stderr)
+
+
+def _cuda_archs(torch) -> list[str]:
+    """The CUDA arch list: TORCH_CUDA_ARCH_LIST, else the visible GPUs' archs, else 9.0, with 9.0
+    turned into 9.0a unless TOPV_NO_SM90A=1. sm_90a SASS runs on the same devices as sm_90 SASS
+    (compute capability 9.0); only "9.0+PTX" loses something: its PTX no longer JITs to newer GPUs."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        archs = [a for a in env.replace(" ", ";").split(";") if a]
+    elif torch.cuda.is_available():
+        archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+    else:
+        archs = ["9.0"]
+    if os.environ.get("TOPV_NO_SM90A") != "1":
+        archs = ["9.0a" + a[3:] if a.split("+")[0] == "9.0" else a for a in archs]
+    return archs
 
 
 def _extensions():
@@ -66,12 +84,17 @@ def _extensions():
     # py_limited_api: torch's build defines Py_LIMITED_API itself for such extensions.
     common = dict(include_dirs=include, define_macros=define, py_limited_api=True, extra_link_args=["-fopenmp"])
     if build_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        archs = _cuda_archs(torch)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        nvcc = ["-O3", std, "--use_fast_math", "-lineinfo"]
+        # The launcher (host code) may pick the wgmma kernels only when the build has sm_90a code.
+        sm90a = any(a.split("+")[0] == "9.0a" for a in archs)
+        if sm90a:
+            nvcc.append("-DTOPV_HAS_SM90A=1")
+        _say(f"CUDA archs {';'.join(archs)}; wgmma cost GEMM "
+             + ("on (sm_90a)" if sm90a else "off (no 9.0a in the list)"))
         ext = cpp_extension.CUDAExtension(
-            "topv._C", cpp + cu,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--use_fast_math", "-lineinfo"]},
-            **common)
+            "topv._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     else:
         ext = cpp_extension.CppExtension("topv._C", cpp, extra_compile_args={"cxx": cxx}, **common)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}

@@ -80,12 +80,12 @@ PY
 fi
 
 if ! skip ncu; then
-  section "ncu (--clock-control none): the cost GEMM at B=1 and B=16, n=576, d=4096, bf16"
+  section "ncu (--clock-control none): prune's kernels at B=1 and B=16, n=576, d=4096, bf16"
   cat >"$OUT/ncu_case.py" <<'PY'
 import torch, topv
 for B in (1, 16):
-    s = torch.randn(B, 576, 4096, device="cuda", dtype=torch.bfloat16); p = torch.rand(576, 2, device="cuda")
-    topv.cost_matrix(s, s, p, backend="cuda")
+    s = torch.randn(B, 576, 4096, device="cuda", dtype=torch.bfloat16); p = topv.grid_positions(24, 24, device="cuda")
+    topv.prune(s, s, p, 144, backend="cuda", check_finite=False)
 torch.cuda.synchronize()
 PY
   m=sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed
@@ -93,8 +93,8 @@ PY
   m=$m,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
   m=$m,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio
   m=$m,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,gpu__time_duration.sum
-  timeout 120 ncu --clock-control none --kernel-name regex:cost_gemm --metrics "$m" python "$OUT/ncu_case.py" 2>&1 \
-    | grep -E "cost_gemm|^\s+(sm__|dram__|l1tex__|smsp__|gpu__)" | sed -E 's/ +/ /g' | cut -c1-140 | head -30
+  timeout 120 ncu --clock-control none --kernel-name regex:"cost_gemm|cost_reduce|sinkhorn_cluster" --metrics "$m" python "$OUT/ncu_case.py" 2>&1 \
+    | grep -E "cost_gemm|cost_reduce|sinkhorn_cluster|^\s+(sm__|dram__|l1tex__|smsp__|gpu__)" | sed -E 's/ +/ /g' | cut -c1-140 | head -30
 fi
 
 if ! skip ptxas; then

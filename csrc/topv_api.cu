@@ -3,12 +3,17 @@
 // library (CMakeLists.txt) alike.
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "topv/cost.cuh"
 #include "topv/select.cuh"
 #include "topv/sinkhorn.cuh"
+#include "topv/sinkhorn_cluster.cuh"
 #include "topv/topv.h"
 
 namespace topv {
@@ -56,25 +61,10 @@ cudaError_t launch_prep_dt(DType dt, const CheckMat& a, const CheckMat& b, int64
   return cudaErrorInvalidValue;
 }
 
-// Launches one instantiation of the tensor-core GEMM, raising its dynamic shared memory limit
-// once per device (a function attribute, not a stream operation: fine during graph capture).
-template <typename T, int BM, int BN, int WM, int WN, int STAGES, bool VEC>
-cudaError_t launch_mma(dim3 grid, const GemmArgs& ga, const GemmTable& tab, cudaStream_t st) {
-  constexpr size_t smem = mma_smem_bytes<BM, BN, STAGES, T>();
-  auto kernel = cost_gemm_mma_kernel<T, BM, BN, WM, WN, STAGES, VEC>;
-  static bool raised[64] = {};  // per device: the attribute belongs to the device's context
-  int dev = 0;
-  TOPV_TRY(cudaGetDevice(&dev));
-  if (dev >= 64 || !raised[dev]) {
-    TOPV_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    if (dev < 64) raised[dev] = true;
-  }
-  kernel<<<grid, (BM / WM) * (BN / WN) * 32, smem, st>>>(ga, tab);
-  return cudaGetLastError();
-}
-
+// The cost GEMM over `segs` (<= kMaxSegmentsPerLaunch per launch). PARTIAL (16-bit inputs only):
+// split-K partial dot products and sums of squares for the cluster kernel's epilogue.
 template <typename T>
-cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
+cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, bool partial, cudaStream_t st) {
   GemmTable tab;
   for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
     const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
@@ -85,39 +75,151 @@ cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, 
       max_c = std::max(max_c, segs[base + k].cols);
     }
     if constexpr (std::is_same<T, float>::value) {
+      if (partial) return cudaErrorInvalidValue;
       dim3 grid(unsigned((max_c + 63) / 64), unsigned((max_r + 63) / 64), unsigned(cnt));
       cost_gemm_f32_kernel<<<grid, 256, 0, st>>>(ga, tab);
+      TOPV_TRY(cudaGetLastError());
     } else {
       const bool vec = ga.d % 8 == 0 && ga.lds % 8 == 0 && ga.ldt % 8 == 0 &&
                        reinterpret_cast<uintptr_t>(ga.S) % 16 == 0 && reinterpret_cast<uintptr_t>(ga.T) % 16 == 0 &&
                        std::all_of(tab.seg, tab.seg + cnt, [](const GemmSeg& s) { return s.s_off % 8 == 0 && s.t_off % 8 == 0; });
-      // Big tiles when they alone fill the GPU; 64 x 64 tiles otherwise (B = 1, n = 576: 81 blocks
-      // instead of 25).
-      const long long big = (long long)((max_r + 127) / 128) * ((max_c + 127) / 128) * cnt;
-      if (big >= sm_count()) {
-        dim3 grid(unsigned((max_c + 127) / 128), unsigned((max_r + 127) / 128), unsigned(cnt));
-        const cudaError_t e = vec ? launch_mma<T, 128, 128, 64, 32, 4, true>(grid, ga, tab, st)
-                                  : launch_mma<T, 128, 128, 64, 32, 4, false>(grid, ga, tab, st);
-        TOPV_TRY(e);
-      } else {
-        dim3 grid(unsigned((max_c + 63) / 64), unsigned((max_r + 63) / 64), unsigned(cnt));
-        const cudaError_t e = vec ? launch_mma<T, 64, 64, 32, 32, 4, true>(grid, ga, tab, st)
-                                  : launch_mma<T, 64, 64, 32, 32, 4, false>(grid, ga, tab, st);
-        TOPV_TRY(e);
-      }
+      const cudaError_t e = partial ? launch_cost_gemm_tc<T, true>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st)
+                                    : launch_cost_gemm_tc<T, false>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st);
+      TOPV_TRY(e);
     }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_gemm(DType dt, const GemmArgs& ga, const std::vector<GemmSeg>& segs, bool partial,
+                        cudaStream_t st) {
+  switch (dt) {
+    case DType::kFloat32: return launch_gemm_t<float>(ga, segs, partial, st);
+    case DType::kFloat16: return launch_gemm_t<__half>(ga, segs, partial, st);
+    case DType::kBFloat16: return launch_gemm_t<__nv_bfloat16>(ga, segs, partial, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_cost_reduce(const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
+  GemmTable tab;
+  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
+    long long most = 1;
+    for (int k = 0; k < cnt; ++k) {
+      tab.seg[k] = segs[base + k];
+      most = std::max(most, (long long)segs[base + k].rows * segs[base + k].cols);
+    }
+    // About two waves of 256-thread blocks over the whole GPU, whatever the segment count.
+    const long long want = std::max<long long>(1, 2LL * 8 * sm_count() / cnt);
+    const unsigned bx = unsigned(std::min<long long>((most + 255) / 256, want));
+    cost_reduce_kernel<<<dim3(bx, unsigned(cnt)), 256, 0, st>>>(ga, tab);
     TOPV_TRY(cudaGetLastError());
   }
   return cudaSuccess;
 }
 
-cudaError_t launch_gemm(DType dt, const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
-  switch (dt) {
-    case DType::kFloat32: return launch_gemm_t<float>(ga, segs, st);
-    case DType::kFloat16: return launch_gemm_t<__half>(ga, segs, st);
-    case DType::kBFloat16: return launch_gemm_t<__nv_bfloat16>(ga, segs, st);
+// ------------------------------------------------------------------ on-chip (cluster) Sinkhorn
+
+struct ClusterPlan {
+  int cs = 0;  // 0: the pass kernels
+  size_t smem = 0;
+};
+
+// Per device: sm_90+ (clusters) and the kernel's attributes set (a function attribute, not a
+// stream operation, so this is fine during graph capture). Returns the dynamic shared memory limit.
+size_t cluster_setup(int dev) {
+  static std::mutex mu;
+  static std::map<int, size_t> limit;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = limit.find(dev);
+  if (it != limit.end()) return it->second;
+  int major = 0, optin = 0;
+  size_t lim = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess) {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, sinkhorn_cluster_kernel) == cudaSuccess && size_t(optin) > fa.sharedSizeBytes) {
+      lim = size_t(optin) - fa.sharedSizeBytes;
+      if (cudaFuncSetAttribute(sinkhorn_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lim)) !=
+              cudaSuccess ||
+          cudaFuncSetAttribute(sinkhorn_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+              cudaSuccess)
+        lim = 0;
+    }
   }
-  return cudaErrorInvalidValue;
+  cudaGetLastError();  // a failed query only means "no on-chip path"
+  limit[dev] = lim;
+  return lim;
+}
+
+cudaLaunchConfig_t cluster_config(dim3 grid, int cs, size_t smem, cudaStream_t st, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = unsigned(cs);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+int max_active_clusters(int dev, int cs, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, cs, smem);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(dim3(unsigned(cs), 1), cs, smem, nullptr, &attr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, sinkhorn_cluster_kernel, &cfg) != cudaSuccess) n = 0;
+  cudaGetLastError();
+  cache[key] = n;
+  return n;
+}
+
+// The cluster size for `nseg` segments of up to n x m: the one with the least work per CTA times
+// waves of clusters, among those whose slab fits in shared memory (ties: the smaller cluster,
+// fewer remote accesses per barrier).
+ClusterPlan plan_cluster(int64_t nseg, int64_t n, int64_t m, int max_cluster) {
+  ClusterPlan best;
+  int dev = 0;
+  if (max_cluster < 1 || cudaGetDevice(&dev) != cudaSuccess) return best;
+  const size_t limit = cluster_setup(dev);
+  long long best_est = LLONG_MAX;
+  for (int cs = 1; cs <= std::min(max_cluster, kMaxCluster); cs *= 2) {
+    if (cs > 1 && cs > n) break;
+    const size_t smem = cluster_smem_floats(int(n), int(m), cs) * sizeof(float);
+    if (smem > limit) continue;
+    const int active = max_active_clusters(dev, cs, smem);
+    if (active < 1) continue;
+    const long long waves = (nseg + active - 1) / active;
+    const long long est = waves * ((n + cs - 1) / cs) * m;
+    if (est < best_est) {
+      best_est = est;
+      best = ClusterPlan{cs, smem};
+    }
+  }
+  return best;
+}
+
+cudaError_t launch_cluster(const ClusterArgs& ca, const std::vector<ClusterSeg>& segs, const ClusterPlan& plan,
+                           cudaStream_t st) {
+  ClusterTable tab;
+  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
+    std::copy(segs.begin() + base, segs.begin() + base + cnt, tab.seg);
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(dim3(unsigned(plan.cs), unsigned(cnt)), plan.cs, plan.smem, st, &attr);
+    TOPV_TRY(cudaLaunchKernelEx(&cfg, sinkhorn_cluster_kernel, ca, tab));
+  }
+  return cudaSuccess;
 }
 
 // One Sinkhorn pass (row kernel, then the column kernel when `col` is set) over <= kMax segments.
@@ -147,7 +249,10 @@ struct Group {
   int64_t first, count;
   bool streaming;      // one segment whose cost does not fit: row chunks recomputed every pass
   int64_t chunk_rows;  // streaming only
-  int64_t c_elems;     // cost buffer elements this group needs
+  int64_t c_elems;     // cost buffer elements this group needs (per split)
+  int64_t max_n;
+  ClusterPlan cluster;  // cs > 0: the cluster kernel runs Sinkhorn and selection on chip
+  int splits = 1;       // > 1: the GEMM writes split-K partials that cost_reduce_kernel sums into C
 };
 
 std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
@@ -159,17 +264,24 @@ std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
     if (n * n > cap) {
       int64_t rows = std::max<int64_t>(cap / n, 1);
       if (rows >= 128) rows -= rows % 128;
-      out.push_back({k, 1, true, rows, rows * n});
+      out.push_back({k, 1, true, rows, rows * n, n});
       ++k;
       continue;
     }
-    Group g{k, 0, false, 0, 0};
+    Group g{k, 0, false, 0, 0, 0};
     while (k < a.num_segments && g.count < kMaxSegmentsPerLaunch) {
       const int64_t nk = a.seg_lens[k];
       if (nk * nk > cap || g.c_elems + nk * nk > cap) break;
       g.c_elems += nk * nk;
+      g.max_n = std::max(g.max_n, nk);
       ++g.count;
       ++k;
+    }
+    g.cluster = plan_cluster(g.count, g.max_n, g.max_n, a.sinkhorn.max_cluster);
+    if (g.cluster.cs > 0 && a.dtype != DType::kFloat32) {
+      int sp = cost_gemm_tc_splits(int(g.count), int(g.max_n), int(g.max_n), a.d, sm_count());
+      while (sp > 1 && g.c_elems * sp > cap) --sp;
+      g.splits = std::max(sp, 1);
     }
     out.push_back(g);
   }
@@ -177,7 +289,7 @@ std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
 }
 
 struct PruneWs {
-  float *f, *g, *fnew, *viol, *colmax, *colsum, *C;
+  float *f, *g, *fnew, *viol, *colmax, *colsum, *C, *sq;
   int* done;
   size_t bytes;
 };
@@ -194,9 +306,13 @@ PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void*
   w.viol = cv.take<float>(T);
   w.colmax = cv.take<float>(T);
   w.colsum = cv.take<float>(T);
-  int64_t c = 1;
-  for (const Group& g : groups) c = std::max(c, g.c_elems);
+  int64_t c = 1, splits = 0;
+  for (const Group& g : groups) {
+    c = std::max(c, g.c_elems * g.splits);
+    if (g.splits > 1) splits = std::max<int64_t>(splits, g.splits);
+  }
   w.C = cv.take<float>(size_t(c));
+  w.sq = cv.take<float>(size_t(splits) * 2 * T);
   w.bytes = cv.used;
   return w;
 }
@@ -232,7 +348,7 @@ cudaError_t cost_matrix(const CostArgs& a, float* out, void*, size_t, cudaStream
   for (int64_t b = 0; b < a.batch; ++b)
     segs[b] = GemmSeg{b * a.source_batch_stride, b * a.target_batch_stride, b * a.n * a.m,
                       int(b * a.src_pos_batch_stride), int(b * a.tgt_pos_batch_stride), int(a.n), int(a.m), int(b)};
-  return launch_gemm(a.dtype, ga, segs, st);
+  return launch_gemm(a.dtype, ga, segs, false, st);
 }
 
 // ------------------------------------------------------------------ sinkhorn
@@ -253,6 +369,14 @@ cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace,
   if (a.batch < 1 || a.n < 1 || a.m < 1 || p.n_iters < 1 || !(p.eps > 0) || !(p.tol >= 0) ||
       workspace_bytes < sinkhorn_workspace_size(a) || a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
+  const ClusterPlan plan = plan_cluster(a.batch, a.n, a.m, p.max_cluster);
+  if (plan.cs > 0) {
+    const ClusterArgs ca{a.cost, a.log_a, a.log_b, f, g, nullptr, nullptr, p.eps, p.tol, p.n_iters};
+    std::vector<ClusterSeg> segs(size_t(a.batch));
+    for (int64_t b = 0; b < a.batch; ++b)
+      segs[b] = ClusterSeg{b * a.n * a.m, int(a.n), int(a.m), int(b * a.n), int(b * a.m), SelSeg{}};
+    return launch_cluster(ca, segs, plan, st);
+  }
   Carver cv{static_cast<char*>(workspace)};
   float* fnew = cv.take<float>(size_t(a.batch * a.n));
   float* viol = cv.take<float>(size_t(a.batch * a.n));
@@ -289,19 +413,29 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
   if (workspace_bytes < prune_layout(a, groups, nullptr).bytes) return cudaErrorInvalidValue;
   const PruneWs w = prune_layout(a, groups, workspace);
   const SinkhornParams& p = a.sinkhorn;
-  const int64_t S = a.num_segments;
+  const int64_t S = a.num_segments, T = a.total_rows;
 
-  const int64_t clear_words = (reinterpret_cast<char*>(w.done + S) - reinterpret_cast<char*>(w.f)) / 4;
-  if (a.check_finite) TOPV_TRY(cudaMemsetAsync(nonfinite, 0, sizeof(int), st));
-  const CheckMat ms{a.source, a.source_row_stride, a.total_rows}, mt{a.target, a.target_row_stride, a.total_rows};
-  TOPV_TRY(launch_prep_dt(a.dtype, ms, mt, a.d, a.positions, a.position_rows * 2, a.check_finite ? nonfinite : nullptr,
-                          reinterpret_cast<unsigned*>(w.f), clear_words, st));
+  // The pass kernels need cleared potentials and done flags; the cluster kernel starts from
+  // registers and shared memory, so an unchecked all-cluster call launches no prep kernel.
+  const bool any_pass = std::any_of(groups.begin(), groups.end(), [](const Group& g) { return g.cluster.cs == 0; });
+  if (a.check_finite || any_pass) {
+    const int64_t clear_words = any_pass ? (reinterpret_cast<char*>(w.done + S) - reinterpret_cast<char*>(w.f)) / 4 : 0;
+    if (a.check_finite) TOPV_TRY(cudaMemsetAsync(nonfinite, 0, sizeof(int), st));
+    const CheckMat ms{a.source, a.source_row_stride, T}, mt{a.target, a.target_row_stride, T};
+    TOPV_TRY(launch_prep_dt(a.dtype, ms, mt, a.d, a.positions, a.position_rows * 2,
+                            a.check_finite ? nonfinite : nullptr, reinterpret_cast<unsigned*>(w.f), clear_words, st));
+  }
 
   std::vector<int64_t> start(static_cast<size_t>(S)), out_start(static_cast<size_t>(S));
   for (int64_t k = 0, r = 0, o = 0; k < S; r += a.seg_lens[k], o += a.keep[k], ++k) {
     start[k] = r;
     out_start[k] = o;
   }
+  auto sel_seg = [&](int64_t k) {
+    const int64_t keep = a.keep[k];
+    const int k_rec = int(std::floor(a.recover_ratio * double(keep)));
+    return SelSeg{start[k], a.padded ? 0 : start[k], out_start[k], int(a.seg_lens[k]), int(keep), k_rec};
+  };
   const bool shared_pos = a.position_rows != a.total_rows;
   // Float offset of the position of packed row `row`, which is row `local` of its segment.
   auto pos_off = [&](int64_t row, int64_t local) { return int(2 * (shared_pos ? local : row)); };
@@ -317,7 +451,40 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
                    first ? 1 : 0, last ? 1 : 0, tol && t >= 2 ? 1 : 0};
   };
 
+  std::vector<SelSeg> sel;  // segments the pass kernels scored: selected by select_kernel at the end
   for (const Group& grp : groups) {
+    if (grp.cluster.cs > 0) {
+      // C of every segment of the group: straight from the GEMM, or (split-K, when the tiles
+      // alone do not fill the GPU) from partials that the reduction kernel turns into C.
+      GemmArgs gp = ga;
+      gp.done = nullptr;  // the done flags are the pass kernels' (and not cleared here)
+      const bool partial = grp.splits > 1;
+      if (partial) {
+        gp.sq_s = w.sq;
+        gp.sq_t = w.sq + T;
+        gp.sq_stride = 2 * T;
+        gp.part_stride = grp.c_elems;
+        gp.splits = grp.splits;
+      }
+      std::vector<GemmSeg> gs;
+      std::vector<ClusterSeg> cseg;
+      long long c_off = 0;
+      for (int64_t k = grp.first; k < grp.first + grp.count; ++k) {
+        const int n = int(a.seg_lens[k]);
+        const int64_t r = start[k];
+        GemmSeg g{r * a.source_row_stride, r * a.target_row_stride, c_off, pos_off(r, 0), pos_off(r, 0), n, n, int(k)};
+        g.sq_off = int(r);
+        gs.push_back(g);
+        cseg.push_back(ClusterSeg{c_off, n, n, int(r), int(r), sel_seg(k)});
+        c_off += (long long)n * n;
+      }
+      TOPV_TRY(launch_gemm(a.dtype, gp, gs, partial, st));
+      if (partial) TOPV_TRY(launch_cost_reduce(gp, gs, st));
+      const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, p.eps, p.tol, p.n_iters};
+      TOPV_TRY(launch_cluster(ca, cseg, grp.cluster, st));
+      continue;
+    }
+    for (int64_t k = grp.first; k < grp.first + grp.count; ++k) sel.push_back(sel_seg(k));
     if (!grp.streaming) {
       std::vector<GemmSeg> gs;
       std::vector<SkSeg> ss;
@@ -330,7 +497,7 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
         ss.push_back(SkSeg{c_off, n, n, int(r), int(r), 0, n, int(k)});
         c_off += (long long)n * n;
       }
-      TOPV_TRY(launch_gemm(a.dtype, ga, gs, st));
+      TOPV_TRY(launch_gemm(a.dtype, ga, gs, false, st));
       for (int t = 1; t <= p.n_iters + 1; ++t) {
         const RowArgs ra = row_args(t);
         const ColArgs ca = col_args(t, true, true);
@@ -352,7 +519,7 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
           if (t == 1 || idx > 0) {
             const std::vector<GemmSeg> gs{GemmSeg{(r + c0) * a.source_row_stride, r * a.target_row_stride, 0,
                                                   pos_off(r + c0, c0), pos_off(r, 0), c1 - int(c0), n, int(k)}};
-            TOPV_TRY(launch_gemm(a.dtype, ga, gs, st));
+            TOPV_TRY(launch_gemm(a.dtype, ga, gs, false, st));
           }
           const std::vector<SkSeg> ss{SkSeg{0, n, n, int(r), int(r), int(c0), c1, int(k)}};
           const RowArgs ra = row_args(t);
@@ -363,15 +530,9 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
     }
   }
 
-  std::vector<SelSeg> sel(static_cast<size_t>(S));
-  for (int64_t k = 0; k < S; ++k) {
-    const int64_t keep = a.keep[k];
-    const int k_rec = int(std::floor(a.recover_ratio * double(keep)));
-    sel[k] = SelSeg{start[k], a.padded ? 0 : start[k], out_start[k], int(a.seg_lens[k]), int(keep), k_rec};
-  }
   SelTable tab;
-  for (int64_t base = 0; base < S; base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<int64_t>(kMaxSegmentsPerLaunch, S - base));
+  for (size_t base = 0; base < sel.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, sel.size() - base));
     std::copy(sel.begin() + base, sel.begin() + base + cnt, tab.seg);
     select_kernel<1024><<<cnt, 1024, 0, st>>>(scores, tab, kept);
     TOPV_TRY(cudaGetLastError());

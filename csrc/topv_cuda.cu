@@ -35,6 +35,14 @@ void check_cuda(const at::Tensor& x, const char* name, const at::Tensor& like) {
 
 at::Tensor unit_last(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
+// TOPV_MAX_CLUSTER caps the cluster size of the on-chip Sinkhorn (0: the pass kernels); the tests
+// use it to cover both paths on the same inputs.
+topv::SinkhornParams sinkhorn_params(double eps, int64_t n_iters, double tol) {
+  topv::SinkhornParams p{float(eps), int(n_iters), float(tol)};
+  if (const char* env = std::getenv("TOPV_MAX_CLUSTER")) p.max_cluster = std::atoi(env);
+  return p;
+}
+
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
 }
@@ -115,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_cuda(const at::Tensor& cost, const s
   }
   topv::SinkhornArgs a{C.data_ptr<float>(), B, n, m, la.defined() ? la.data_ptr<float>() : nullptr,
                        lb.defined() ? lb.data_ptr<float>() : nullptr,
-                       topv::SinkhornParams{float(eps), int(n_iters), float(tol)}};
+                       sinkhorn_params(eps, n_iters, tol)};
   at::Tensor f = at::empty({B, n}, cost.options()), g = at::empty({B, m}, cost.options());
   const size_t ws_bytes = topv::sinkhorn_workspace_size(a);
   at::Tensor ws = workspace(ws_bytes, cost);
@@ -174,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cuda(const at::Tensor& sour
   a.num_segments = S;
   a.padded = padded;
   a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
-  a.sinkhorn = topv::SinkhornParams{float(eps), int(n_iters), float(tol)};
+  a.sinkhorn = sinkhorn_params(eps, n_iters, tol);
   a.recover_ratio = recover_ratio;
   a.check_finite = check_finite;
   int64_t total_keep = 0;

@@ -51,6 +51,17 @@ requires_cuda_native = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=["on-chip", "passes"])
+def sinkhorn_path(request, device, monkeypatch):
+    """The CUDA Sinkhorn runs on chip (one thread-block cluster per segment, sm_90+, when the segment
+    fits) or as pass kernels over a cost in global memory (forced with TOPV_MAX_CLUSTER=0)."""
+    if request.param == "passes":
+        if device != "cuda":
+            pytest.skip("one Sinkhorn path on the CPU")
+        monkeypatch.setenv("TOPV_MAX_CLUSTER", "0")
+    return request.param
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -63,9 +74,10 @@ def _prune_native(src, tgt, pos, seg_lens, keep, padded, p=PARAMS, check_finite=
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n, d", [(1, 8), (7, 37), (577, 64), (130, 1000)])
-def test_prune_native_padded_matches_oracle(device, dtype, n, d):
-    # d = 37: scalar loads; d = 64 / 1000: 16-byte loads; n = 577: partial tiles in both dims.
+@pytest.mark.parametrize("n, d", [(1, 8), (7, 37), (577, 64), (128, 136), (130, 1000)])
+def test_prune_native_padded_matches_oracle(device, dtype, n, d, sinkhorn_path):
+    # d = 37: scalar loads; d = 64 / 1000: 16-byte loads; n = 577: partial tiles in both dims;
+    # n = 128: the on-chip path reads the cost partials with 16-byte loads.
     B, keep = 2, max(1, n // 3)
     g = _gen(n * 7 + d)
     src, tgt = features((B * n, d), dtype, device, g), features((B * n, d), dtype, device, g)
@@ -78,8 +90,21 @@ def test_prune_native_padded_matches_oracle(device, dtype, n, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_prune_native_llava_shape_matches_oracle(device, sinkhorn_path):
+    # B = 1, n = 576, d = 4096: on the GPU the cost GEMM splits K to fill the SMs and a reduction
+    # kernel sums the partial products before the on-chip Sinkhorn reads C.
+    n, d, keep = 576, 4096, 144
+    g = _gen(11)
+    src, tgt = features((n, d), torch.bfloat16, device, g), features((n, d), torch.bfloat16, device, g)
+    pos = topv.grid_positions(24, 24).to(device)
+    kept, scores, _ = _prune_native(src, tgt, pos, [n], [keep], True)
+    _, oracle = oracle_prune(src.view(1, n, d), tgt.view(1, n, d), pos, [keep], None, PARAMS)
+    assert_prune_matches([kept.cpu()], scores, oracle, [n], [keep], PARAMS["recover_ratio"], ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_prune_native_packed_ragged_noncontiguous(device, dtype):
+def test_prune_native_packed_ragged_noncontiguous(device, dtype, sinkhorn_path):
     lens, keep = [5, 1, 577, 33, 64], [2, 1, 200, 33, 7]
     T, d = sum(lens), 72
     g = _gen(1)
@@ -92,7 +117,7 @@ def test_prune_native_packed_ragged_noncontiguous(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prune_more_segments_than_one_launch_table(device):
+def test_prune_more_segments_than_one_launch_table(device, sinkhorn_path):
     # 300 segments > kMaxSegmentsPerLaunch (128): several launches per step.
     lens = [1 + (i * 7) % 23 for i in range(300)]
     keep = [max(1, n // 2) for n in lens]
@@ -106,7 +131,7 @@ def test_prune_more_segments_than_one_launch_table(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_tol_segments_stop_at_different_iterations(device):
+def test_tol_segments_stop_at_different_iterations(device, sinkhorn_path):
     # Segment 0: near-constant cost (converges at once); 1: random; 2: strongly structured.
     n, d = 97, 32
     g = _gen(3)
@@ -188,7 +213,7 @@ def test_cost_matrix_native_strided_batch(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("marginals", [False, True])
-def test_sinkhorn_native_matches_oracle(device, marginals):
+def test_sinkhorn_native_matches_oracle(device, marginals, sinkhorn_path):
     B, n, m = 3, 45, 70
     g = _gen(6)
     C = torch.rand(B, n, m, generator=g, dtype=torch.float64) * 2

@@ -179,33 +179,27 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return "unknown reason"
 
 
-# How `auto` chooses on CUDA, from the crossover measured in bench/results/h100 (H100, bf16, 3
-# iterations). Launched from Python, small work is launch-bound and the C++ launchers win:
-# prune at B=1, n=576 took 189 µs (cuda) against 566-1084 µs (triton); above ~20 GFLOP of cost
-# GEMM Triton's faster GEMM wins (B=16, n=576: 476 against 585 µs). The CUDA Sinkhorn alone (no
-# GEMM) was the faster one launched from Python at every shape. Replayed from a CUDA graph Triton
-# won every shape (prune B=1: 58 against 147 µs), but `auto` does not switch on capture: the
-# eager warm-up before a capture must build the same backend's per-layout tables. Pass
-# backend="triton" explicitly to capture the fastest replay. On CPU the C++ kernels beat the
-# eager reference about 3x.
-_EAGER_CUDA_MAX_FLOPS = 20e9
-
-
-def _auto(device: torch.device, avail: list[str], gemm_flops: float) -> str:
-    if device.type == "cuda":
-        order = ("cuda", "triton") if gemm_flops <= _EAGER_CUDA_MAX_FLOPS else ("triton", "cuda")
-    else:
-        order = ("cpp",)
+# How `auto` chooses on CUDA, from bench/results/h100 (H100, bf16, 3 iterations, 2026-11-25):
+# launched from Python, the CUDA C++ path was the faster one at every prune shape measured (B=1,
+# n=576: 70-121 µs against 903-1064 for Triton, whose ~13 launches are host-bound; B=16: 229
+# against 814; B=64: 685 against 999; n=2880: 421 against 1013; n=16384: 20.5 against 20.3 ms, a
+# tie), and its Sinkhorn alone was too. Replayed from a CUDA graph Triton still wins at B=1 (58
+# against 66 µs) and n=2880 (326 against 410), but `auto` does not switch on capture: the eager
+# warm-up before a capture must build the same backend's per-layout tables. Pass
+# backend="triton" explicitly to capture the fastest replay at those shapes. On CPU the C++
+# kernels beat the eager reference about 3x.
+def _auto(device: torch.device, avail: list[str]) -> str:
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
     return next((b for b in order if b in avail), "reference")
 
 
-def resolve_backend(backend: str, device: torch.device, gemm_flops: float = 0.0) -> str:
-    """The backend that runs; ``gemm_flops`` (the op's cost-GEMM FLOPs) steers ``auto``."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for tensors on ``device`` (``auto`` resolved, availability checked)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     avail = available_backends(device)
     if backend == "auto":
-        return _auto(device, avail, gemm_flops)
+        return _auto(device, avail)
     if backend not in avail:
         raise ValueError(
             f"backend={backend!r} is not available for tensors on {device}: {_why_unavailable(backend, device)}. "
@@ -262,7 +256,7 @@ def _batched_pos(pos: torch.Tensor, batch: int) -> torch.Tensor:
 @_impl("cost_matrix")
 def _cost_matrix(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, backend="auto"):
     _check_cost_matrix(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma)
-    backend = resolve_backend(backend, source.device, 2.0 * source[..., 0].numel() * target.shape[-2] * source.shape[-1])
+    backend = resolve_backend(backend, source.device)
     squeeze = source.dim() == 2
     s, t = (source[None], target[None]) if squeeze else (source, target)
     B = s.shape[0]
@@ -422,7 +416,7 @@ def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.
            n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
     segs = Segments.of(*_check_prune(source, target, positions, keep, seg_lens, params))
-    backend = resolve_backend(backend, source.device, 2.0 * source.shape[-1] * sum(n * n for n in segs.lens))
+    backend = resolve_backend(backend, source.device)
     if backend == "reference":
         bad = _nonfinite_flag(source, target, positions) if check_finite else None
         kept, scores = _prune_reference(source, target, positions, segs, params)

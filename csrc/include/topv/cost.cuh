@@ -3,12 +3,12 @@
 //
 // C_ij = alpha (1 - cos(s_i, t_j)) / 2 + beta (1 - exp(-|p_i - q_j|^2 / (2 sigma^2)))
 //        + gamma |p_i - c| / sqrt(0.5)
-// The dot products run on tensor cores for fp16/bf16 (WMMA = mma.sync, fp32 accumulate; the
+// The dot products run on tensor cores for fp16/bf16 (mma.sync m16n8k16, fp32 accumulate; the
 // products of 16-bit inputs are exact in fp32) and on FMA units for fp32 inputs: TF32 would put a
 // ~5e-4 relative error into C, i.e. into the exponent of the plan as dC / eps.
 #pragma once
 
-#include <mma.h>
+#include <algorithm>
 
 #include "topv/common.cuh"
 
@@ -61,7 +61,7 @@ __global__ __launch_bounds__(256) void prep_kernel(CheckMat a, CheckMat b, int64
 // ---------------------------------------------------------------------------------------------
 // Cost GEMM. One launch covers up to kMaxSegmentsPerLaunch independent (rows x cols) blocks of C
 // (segments of a packed batch, batch elements, or row chunks of one large segment), described
-// by a table passed by value. Block z of the grid is segment z.
+// by a table passed by value. Block z of the grid is segment z (split-K: z = segment * splits + split).
 // ---------------------------------------------------------------------------------------------
 
 struct GemmSeg {
@@ -69,6 +69,7 @@ struct GemmSeg {
   int p_off, q_off;               // float offsets of position pair 0 (source / target)
   int rows, cols;                 // C block is rows x cols, leading dimension cols
   int id;                         // segment id for the done flags (prune's early exit)
+  int sq_off;                     // split-K: packed row index of row 0 (offset into sq_s / sq_t)
 };
 
 struct GemmTable {
@@ -85,6 +86,12 @@ struct GemmArgs {
   float* C;
   const int* done;  // skip segments already converged (nullptr: none)
   float half_alpha, beta, neg_inv_2s2, gamma;
+  // Split-K (PARTIAL) outputs: split s writes raw dots to C + s * part_stride and the partial
+  // sums of squares of rows / columns to sq_s / sq_t + s * sq_stride.
+  float* sq_s;
+  float* sq_t;
+  long long part_stride, sq_stride;
+  int splits;
 };
 
 // dot = s_i . t_j; inv_st = 1 / (|s_i| |t_j|) (0 when either is 0).
@@ -113,129 +120,436 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Tensor-core GEMM for 16-bit inputs: block tile BM x BN, warp tile WM x WN, k step 32, a
-// STAGES-deep cp.async pipeline (dynamic shared memory). Thread t also sums the squares of tile
-// row t (A rows, then B rows) from shared memory, which gives the row norms for the epilogue.
-// VEC: 16-byte loads (d and strides multiples of 8 elements, aligned base).
-template <int BM, int BN, int STAGES, typename T>
-__host__ __device__ constexpr size_t mma_smem_bytes() {
-  return size_t(STAGES) * (BM + BN) * 40 * sizeof(T);
+// ---------------------------------------------------------------------------------------------
+// Tensor-core GEMM for 16-bit inputs (sm_80-style; plain sm_90, no wgmma/TMA).
+//
+// * mma.sync m16n8k16 (fp32 accumulate). Both operands are k-contiguous rows (A = S rows,
+//   B = T rows), which is "row" for A and "col" for B, so ldmatrix without .trans yields both
+//   fragments straight from shared memory.
+// * k step BK = 64: one tile row is 128 B = 8 chunks of 16 B; chunk c of row r is stored at chunk
+//   c ^ (r & 7). An ldmatrix phase reads 8 consecutive rows at one logical chunk, which lands in 8
+//   distinct bank quads (conflict-free), and a cp.async row write of 8 threads is conflict-free too.
+// * STAGES-deep cp.async.cg pipeline (zero-fill for rows / k beyond the segment), one
+//   __syncthreads per k tile, fragments double-buffered in registers across the k16 steps and
+//   across the tile boundary (the barrier sits before the last k16 step, CUTLASS-style), so
+//   ldmatrix latency hides behind the previous step's mma.
+// * Row norms come from the fragments already in registers (no extra shared-memory traffic, which
+//   is the binding resource of mma.sync GEMMs). The warps that share A rows (same wm) or B rows
+//   (same wn) must each square a different part of k, without a branch (the compiler if-converts
+//   it, and predicated-off instructions still take issue slots): warp (wm, wn) walks the 4 k16
+//   steps of a tile in the rotated order (p + wm + wn) % 4 and squares at compile-time positions
+//   p (norm_here), which covers every step exactly once per row. The sums meet in shared memory.
+// * Tiles are visited in groups of kTcGroupM tile rows (L2 reuse when one segment has many tiles,
+//   e.g. 3072 x 16384 row chunks: the group's A rows stay in L2 while B streams once per group).
+// ---------------------------------------------------------------------------------------------
+
+template <int BM_, int BN_, int WM_, int WN_, int STAGES_, int MINB_>
+struct TcCfg {
+  static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, STAGES = STAGES_;
+  static constexpr int MINB = MINB_;  // blocks per SM the config is sized for (launch bounds)
+  static constexpr int BK = 64;
+  static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN, NT = WARPS_M * WARPS_N * 32;
+  static constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
+  static constexpr size_t SMEM = size_t(STAGES) * STAGE_BYTES;
+};
+
+// Configs (all BK = 64). Why these:
+// * 64 x 64 warp tiles (8 ldmatrix.x4 per 32 mma) wherever possible: with mma.sync the shared
+//   memory port (ldmatrix reads + cp.async writes) limits H100 long before the tensor pipes do;
+//   64 x 32 warp tiles (6 per 16) cap a 128 x 128 / 8-warp block near half of the peak.
+// * TcWide 128 x 256 / 8 warps / 4 stages (192 KB, 1 block per SM): the most bytes of reuse per
+//   shared-memory byte; for big problems ((c): 3072 x 16384, d = 3584).
+// * TcMid 128 x 192 / 6 warps / 4 stages (160 KB): 576 = 3 x 192, so n = 576 segments waste 11%
+//   of their tiles instead of 23% (128 x 128) or 48% (128 x 256); B = 16: 240 tiles, 2 waves. Also
+//   the split-K tile for B = 1, n = 576 (15 tiles x 8 splits = 120 blocks, one wave).
+// * TcSq 128 x 128 / 4 warps / 3 stages (96 KB, 2 blocks per SM): finer granularity for wave
+//   quantisation on medium problems.
+// * TcSmall 64 x 64 / 4 warps (32 x 32) / 4 stages (64 KB, 3 per SM): tiny segments (n <= 64),
+//   where a big tile would mostly compute padding.
+// The launcher picks the config (and cost_gemm_tc_splits the split count) with a small wave /
+// efficiency model, tc_model_cost below; its efficiencies are estimates to calibrate on the GPU.
+using TcWide = TcCfg<128, 256, 64, 64, 4, 1>;
+using TcMid = TcCfg<128, 192, 64, 64, 4, 1>;
+using TcSq = TcCfg<128, 128, 64, 64, 3, 2>;
+using TcSmall = TcCfg<64, 64, 32, 32, 4, 3>;
+
+constexpr int kTcGroupM = 8;
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
 }
 
-template <typename T, int BM, int BN, int WM, int WN, int STAGES, bool VEC>
-__global__ __launch_bounds__((BM / WM) * (BN / WN) * 32) void cost_gemm_mma_kernel(GemmArgs a, GemmTable tab) {
-  using namespace nvcuda;
-  constexpr int BK = 32, LDT = BK + 8;  // +8 elements: rows 80 B apart, no bank conflicts on row reads
-  constexpr int NW = (BM / WM) * (BN / WN), NT = NW * 32;
-  static_assert(NT == BM + BN, "one thread per tile row for the norms");
-  constexpr int STAGE = (BM + BN) * LDT;
-  constexpr int FM = WM / 16, FN = WN / 16;
-  constexpr int SCR = 16 * 20;  // per-warp epilogue scratch (floats), ld 20
-  static_assert(size_t(NW) * SCR * 4 <= mma_smem_bytes<BM, BN, STAGES, T>(), "scratch fits the stages");
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ float s_inv[BM + BN];
-  T* sm = reinterpret_cast<T*>(smem_raw);
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
-  const GemmSeg& sg = tab.seg[blockIdx.z];
-  const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
+// Whether a warp squares its fragments at k16 position p, given W warps share the rows and warp w
+// of them walks the steps from rotation (wm + wn) % 4: W = 4 -> p 0; W = 2 -> p 0, 2 (rotations
+// differ by 1); W = 3 -> p 0 (3 steps), plus p 1 of warp 2 (the 4th step; the only predicated case).
+template <int W>
+__device__ __forceinline__ bool norm_here(int p, int w) {
+  static_assert(W >= 1 && W <= 4, "norm coverage is worked out for 1..4 warps");
+  if constexpr (W == 1) return true;
+  else if constexpr (W == 2) return (p & 1) == 0;
+  else if constexpr (W == 3) return p == 0 || (p == 1 && w == 2);
+  else return p == 0;
+}
+
+// s + x.lo^2 + x.hi^2 for a register holding two 16-bit values (exact widening, fp32 sum).
+template <typename T>
+__device__ __forceinline__ float sumsq2(uint32_t x, float s);
+template <>
+__device__ __forceinline__ float sumsq2<__nv_bfloat16>(uint32_t x, float s) {
+  const float lo = __uint_as_float(x << 16), hi = __uint_as_float(x & 0xffff0000u);
+  return fmaf(hi, hi, fmaf(lo, lo, s));
+}
+template <>
+__device__ __forceinline__ float sumsq2<__half>(uint32_t x, float s) {
+  float lo, hi;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(static_cast<unsigned short>(x & 0xffffu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(static_cast<unsigned short>(x >> 16)));
+  return fmaf(hi, hi, fmaf(lo, lo, s));
+}
+
+// PARTIAL = false: grid (col tiles, row tiles, segments); C = the cost (one split, whole k).
+// PARTIAL = true: grid z = segment * a.splits + split; split s covers k tiles
+// [s * kt_per, min((s + 1) * kt_per, ktiles)) and writes raw dot products to
+// C + s * part_stride and the partial sums of squares to sq_s / sq_t + s * sq_stride (rows by
+// the blocks of tile column 0, columns by those of tile row 0).
+// VEC: 16-byte cp.async (d and strides multiples of 8 elements, aligned base); otherwise
+// element-wise loads through registers into the same layout.
+template <typename T, class Cfg, bool VEC, bool PARTIAL>
+__global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmArgs a, GemmTable tab) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, WM = Cfg::WM, WN = Cfg::WN, BK = Cfg::BK, STAGES = Cfg::STAGES;
+  constexpr int WARPS_M = Cfg::WARPS_M, WARPS_N = Cfg::WARPS_N, NT = Cfg::NT;
+  constexpr int MI = WM / 16, NI = WN / 8, KSTEPS = BK / 16;
+  constexpr int ROWB = BK * 2;                      // bytes per tile row
+  constexpr int RPI = NT / 8;                       // tile rows per load iteration (8 chunks a row)
+  constexpr int ITERS = ((BM + BN) + RPI - 1) / RPI;
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  static_assert(WM % 16 == 0 && WN % 16 == 0 && BM % WM == 0 && BN % WN == 0, "tile shape");
+  static_assert(RPI % 8 == 0, "a thread's rows share one swizzle phase");
+  static_assert(STAGES >= 2 && KSTEPS == 4, "pipeline shape; the norm rotation assumes 4 k16 steps");
+  static_assert(size_t(WARPS_N * BM + WARPS_M * BN + BM + BN) * 4 <= Cfg::SMEM, "epilogue scratch fits");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+
+  const int splits = PARTIAL ? a.splits : 1;
+  const int seg = PARTIAL ? int(blockIdx.z) / splits : int(blockIdx.z);
+  const int split = PARTIAL ? int(blockIdx.z) - seg * splits : 0;
+  const GemmSeg& sg = tab.seg[seg];
+
+  // Grouped tile order: kTcGroupM tile rows side by side, then the next tile column.
+  int tm, tn;
+  {
+    const int gx = int(gridDim.x), gy = int(gridDim.y);
+    const int bid = int(blockIdx.y) * gx + int(blockIdx.x);
+    const int group = bid / (kTcGroupM * gx), first = group * kTcGroupM;
+    const int gsz = min(gy - first, kTcGroupM), in = bid - group * kTcGroupM * gx;
+    tm = first + in % gsz;
+    tn = in / gsz;
+  }
+  const int row0 = tm * BM, col0 = tn * BN;
   if (row0 >= sg.rows || col0 >= sg.cols) return;
   if (a.done && a.done[sg.id]) return;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+
+  const int ktiles = int((a.d + BK - 1) / BK);
+  int kt0 = 0, nk = ktiles;
+  if (PARTIAL) {
+    const int per = (ktiles + splits - 1) / splits;
+    kt0 = split * per;
+    nk = max(0, min(per, ktiles - kt0));
+  }
+
+  // ---- global -> shared: thread t copies chunk t & 7 of tile rows (t >> 3) + i * RPI.
   const T* S = static_cast<const T*>(a.S) + sg.s_off;
   const T* Tm = static_cast<const T*>(a.T) + sg.t_off;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wm = warp / (BN / WN), wn = warp % (BN / WN);
+  const int lrow = tid >> 3, kc = (tid & 7) * 8;
+  const int a_left = sg.rows - row0 - lrow, b_left = sg.cols - col0 - lrow;  // valid iff r < left
+  const bool tile_full = row0 + BM <= sg.rows && col0 + BN <= sg.cols;
+  const T* gA = S + int64_t(row0 + lrow) * a.lds + kc;
+  const T* gB = Tm + int64_t(col0 + lrow) * a.ldt + kc;
+  // Stored chunk (tid & 7) ^ (row & 7); row & 7 == lrow & 7 for every iteration (RPI % 8 == 0).
+  const uint32_t st_off = uint32_t(lrow * ROWB + ((((tid & 7) ^ (lrow & 7))) << 4));
 
-  auto load_tile = [&](int stage, int64_t k0) {
-    T* dst0 = sm + stage * STAGE;
-    for (int c = tid; c < (BM + BN) * (BK / 8); c += NT) {
-      const int r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
-      const bool is_a = r < BM;
-      const int gr = is_a ? row0 + r : col0 + (r - BM);
-      const bool valid = gr < (is_a ? sg.rows : sg.cols);
-      const T* src = is_a ? S + int64_t(gr) * a.lds : Tm + int64_t(gr) * a.ldt;
-      T* dst = dst0 + r * LDT + kc;
-      if constexpr (VEC) {
-        const bool ok = valid && k0 + kc < a.d;
-        cp_async16(dst, ok ? static_cast<const void*>(src + k0 + kc) : static_cast<const void*>(a.S), ok);
-      } else {
+  auto load_tile = [&](int stage, int kt) {
+    unsigned char* dst0 = smem_raw + stage * Cfg::STAGE_BYTES + st_off;
+    const int64_t k = int64_t(kt) * BK;
+    if constexpr (VEC) {
+      // Interior tiles (the common case) need no predicates; edge tiles zero-fill rows past the
+      // segment and chunks past d (d % 8 == 0: a chunk is all in or all out) and hand the copy
+      // a.S as its (unread) source, so it never carries an out-of-range address.
+      if (tile_full && k + BK <= a.d) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int64_t k = k0 + kc + e;
-          dst[e] = (valid && k < a.d) ? src[k] : zero_of<T>();
+        for (int i = 0; i < ITERS; ++i) {
+          const int r = i * RPI;  // tile row of this iteration, relative to lrow
+          if ((i + 1) * RPI > BM + BN && lrow + r >= BM + BN) continue;  // ragged last iteration
+          const bool is_a = (i + 1) * RPI <= BM ? true : (r >= BM ? false : lrow + r < BM);
+          const T* src = is_a ? gA + (int64_t(r) * a.lds + k) : gB + (int64_t(r - BM) * a.ldt + k);
+          cp_async16(dst0 + r * ROWB, src, true);
         }
+      } else {
+        const bool kok = k + kc < a.d;
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+          const int r = i * RPI;
+          if ((i + 1) * RPI > BM + BN && lrow + r >= BM + BN) continue;
+          const bool is_a = (i + 1) * RPI <= BM ? true : (r >= BM ? false : lrow + r < BM);
+          const T* src = is_a ? gA + (int64_t(r) * a.lds + k) : gB + (int64_t(r - BM) * a.ldt + k);
+          const bool ok = kok && (is_a ? r < a_left : r - BM < b_left);
+          cp_async16(dst0 + r * ROWB, ok ? static_cast<const void*>(src) : a.S, ok);
+        }
+      }
+    } else {
+      // d or a stride not a multiple of 8: element-wise 16-bit loads, zero past d / the rows.
+      // Not unrolled: this path only has to be correct, and unrolled it spills.
+#pragma unroll 1
+      for (int i = 0; i < ITERS; ++i) {
+        const int r = i * RPI;
+        if (lrow + r >= BM + BN) break;
+        const bool is_a = lrow + r < BM;
+        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(
+            is_a ? gA + int64_t(r) * a.lds + k : gB + int64_t(r - BM) * a.ldt + k);
+        const bool row_ok = is_a ? r < a_left : r - BM < b_left;
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const uint32_t lo = row_ok && k + kc + 2 * e < a.d ? uint32_t(__ldg(s16 + 2 * e)) : 0u;
+          const uint32_t hi = row_ok && k + kc + 2 * e + 1 < a.d ? uint32_t(__ldg(s16 + 2 * e + 1)) : 0u;
+          w[e] = lo | (hi << 16);
+        }
+        *reinterpret_cast<uint4*>(dst0 + r * ROWB) = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
   };
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
-#pragma unroll
-  for (int i = 0; i < FM; ++i)
-#pragma unroll
-    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  // ---- shared -> registers (ldmatrix.x4).
+  // A (m16 x k16): lanes 0-15 address rows 0-15 at the low 8 k, lanes 16-31 the high 8 k, which
+  // gives regs {a0a1, a2a3, a4a5, a6a7} in mma order. B (two n8 x k16 blocks): lanes 0-7 rows 0-7
+  // low k, 8-15 rows 0-7 high k, 16-23 rows 8-15 low k, 24-31 rows 8-15 high k, which gives
+  // {b0, b1} of the first n8 block, then of the second.
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t a_frag_row = uint32_t((wm * WM + (lane & 15)) * ROWB);
+  const uint32_t b_frag_row = uint32_t(BM * ROWB + (wn * WN + (lane & 7) + ((lane >> 4) << 3)) * ROWB);
+  const int a_hi = lane >> 4, b_hi = (lane >> 3) & 1, sw = lane & 7;  // row & 7 == lane & 7 here
+  const int rot = (wm + wn) & 3;  // this warp's k16 order within a tile: (p + rot) % 4
 
-  const int64_t ktiles = (a.d + BK - 1) / BK;
+  uint32_t fa[2][MI][4], fb[2][NI][2];
+  auto load_frags = [&](int buf, int stage, int p) {
+    const uint32_t st = smem_base + uint32_t(stage * Cfg::STAGE_BYTES);
+    const int ks = (p + rot) & 3;
+    const uint32_t ac = uint32_t(((2 * ks + a_hi) ^ sw) << 4), bc = uint32_t(((2 * ks + b_hi) ^ sw) << 4);
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(fa[buf][mi], st + a_frag_row + mi * 16 * ROWB + ac);
+#pragma unroll
+    for (int nj = 0; nj < NI / 2; ++nj) {
+      uint32_t r[4];
+      ldmatrix_x4(r, st + b_frag_row + nj * 16 * ROWB + bc);
+      fb[buf][2 * nj][0] = r[0];
+      fb[buf][2 * nj][1] = r[1];
+      fb[buf][2 * nj + 1][0] = r[2];
+      fb[buf][2 * nj + 1][1] = r[3];
+    }
+  };
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+  float ssa[MI][2], ssb[NI];  // sums of squares: rows g, g + 8 of each m16 block; column g of each n8
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) ssa[mi][0] = ssa[mi][1] = 0.0f;
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni) ssb[ni] = 0.0f;
+
+  // ---- main loop
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ktiles) load_tile(s, int64_t(s) * BK);
+    if (s < nk) load_tile(s, kt0 + s);
     cp_async_commit();  // empty groups keep the group count uniform
   }
-  float sumsq = 0.0f;
-  for (int64_t kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<STAGES - 2>();  // tile kt has landed
-    __syncthreads();              // ... for every thread, and every warp is done with tile kt - 1
-    {
-      const int64_t nk = kt + STAGES - 1;
-      if (nk < ktiles) load_tile(int(nk % STAGES), nk * BK);  // refills the stage of tile kt - 1
-      cp_async_commit();
-    }
-    const T* st = sm + int(kt % STAGES) * STAGE;
-    {
-      const uint4* row = reinterpret_cast<const uint4*>(st + tid * LDT);
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();
+  load_frags(0, 0, 0);
+  int rd = 0, wr = STAGES - 1;  // stage being read / next stage to fill
+  for (int kt = 0; kt < nk; ++kt) {
 #pragma unroll
-      for (int q = 0; q < BK / 8; ++q) {
-        const uint4 u = row[q];
-        const T* e = reinterpret_cast<const T*>(&u);
+    for (int p = 0; p < KSTEPS; ++p) {
+      if (p == 0) {
+        // Refill the stage of tile kt - 1: every warp passed the barrier after reading it.
+        if (kt + STAGES - 1 < nk) load_tile(wr, kt0 + kt + STAGES - 1);
+        cp_async_commit();
+        wr = wr + 1 == STAGES ? 0 : wr + 1;
+      }
+      if (p == KSTEPS - 1) {
+        // Tile kt + 1 has landed (for every thread), and this tile's last fragments are in
+        // registers already, so the next fragment load may start on the next stage.
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        rd = rd + 1 == STAGES ? 0 : rd + 1;
+      }
+      load_frags((p + 1) & 1, rd, (p + 1) % KSTEPS);  // past the last tile: read, never used
+      const int cb = p & 1;
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const float v = to_float(e[t]);
-          sumsq = fmaf(v, v, sumsq);
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], fa[cb][mi], fb[cb][ni][0], fb[cb][ni][1]);
+      // Row norms: a0a1 / a4a5 hold row g, a2a3 / a6a7 row g + 8; b0 / b1 hold column g; p is the
+      // position in this warp's rotated k16 order (see norm_here).
+      if (norm_here<WARPS_N>(p, wn)) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          ssa[mi][0] = sumsq2<T>(fa[cb][mi][2], sumsq2<T>(fa[cb][mi][0], ssa[mi][0]));
+          ssa[mi][1] = sumsq2<T>(fa[cb][mi][3], sumsq2<T>(fa[cb][mi][1], ssa[mi][1]));
         }
       }
-    }
+      if (norm_here<WARPS_M>(p, wm)) {
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[FN];
-#pragma unroll
-      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], st + (wm * WM + i * 16) * LDT + kk, LDT);
-#pragma unroll
-      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], st + (BM + wn * WN + j * 16) * LDT + kk, LDT);
-#pragma unroll
-      for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        for (int ni = 0; ni < NI; ++ni) ssb[ni] = sumsq2<T>(fb[cb][ni][1], sumsq2<T>(fb[cb][ni][0], ssb[ni]));
+      }
     }
   }
   cp_async_wait<0>();
-  s_inv[tid] = inv_norm(sumsq);
-  __syncthreads();  // the stages become epilogue scratch; s_inv is complete
+  __syncthreads();  // all fragment reads done: the stages become scratch
 
-  float* scr = reinterpret_cast<float*>(smem_raw) + warp * SCR;
+  // ---- norms: quad lanes hold different k of the same row; warps split the k16 steps.
+  const int g = lane >> 2, t4 = lane & 3;
+  float* red = reinterpret_cast<float*>(smem_raw);  // [WARPS_N][BM] then [WARPS_M][BN]
 #pragma unroll
-  for (int i = 0; i < FM; ++i)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int j = 0; j < FN; ++j) {
-      wmma::store_matrix_sync(scr, acc[i][j], 20, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int lr = wm * WM + i * 16 + e / 16, lc = wn * WN + j * 16 + e % 16;
-        const int r = row0 + lr, c = col0 + lc;
-        if (r < sg.rows && c < sg.cols)
-          a.C[sg.c_off + int64_t(r) * sg.cols + c] =
-              cost_value(a, sg, r, c, scr[(e / 16) * 20 + e % 16], s_inv[lr] * s_inv[BM + lc]);
-      }
-      __syncwarp();
+    for (int h = 0; h < 2; ++h) {
+      float v = ssa[mi][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (t4 == 0) red[wn * BM + wm * WM + mi * 16 + h * 8 + g] = v;
     }
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni) {
+    float v = ssb[ni];
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    if (t4 == 0) red[WARPS_N * BM + wm * BN + wn * WN + ni * 8 + g] = v;
+  }
+  __syncthreads();
+  float* s_inv = red + WARPS_N * BM + WARPS_M * BN;  // [BM + BN]
+  for (int i = tid; i < BM + BN; i += NT) {
+    float s = 0.0f;
+    if (i < BM) {
+#pragma unroll
+      for (int w = 0; w < WARPS_N; ++w) s += red[w * BM + i];
+    } else {
+#pragma unroll
+      for (int w = 0; w < WARPS_M; ++w) s += red[WARPS_N * BM + w * BN + (i - BM)];
+    }
+    if constexpr (PARTIAL) {
+      if (i < BM) {
+        if (tn == 0 && row0 + i < sg.rows) a.sq_s[split * a.sq_stride + sg.sq_off + row0 + i] = s;
+      } else {
+        if (tm == 0 && col0 + i - BM < sg.cols) a.sq_t[split * a.sq_stride + sg.sq_off + col0 + i - BM] = s;
+      }
+    } else {
+      s_inv[i] = inv_norm(s);
+    }
+  }
+
+  // ---- epilogue straight from the accumulators: c0 c1 = (row g, cols 2t, 2t + 1), c2 c3 = row g + 8.
+  const int rb = wm * WM + g, cbase = wn * WN + 2 * t4;
+  if constexpr (PARTIAL) {
+    float* C = a.C + split * a.part_stride + sg.c_off;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + rb + mi * 16 + h * 8;
+        if (r >= sg.rows) continue;
+        float* Cr = C + int64_t(r) * sg.cols;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int c = col0 + cbase + ni * 8;
+          if (c < sg.cols) Cr[c] = acc[mi][ni][2 * h];
+          if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
+        }
+      }
+  } else {
+    __syncthreads();  // s_inv complete
+    // Cost values first, stores after: with no store in between, the compiler can share the
+    // position loads and row / column terms across the tile (P, Q and C may alias as far as it
+    // knows). Out-of-range rows / columns compute on a clamped index and are not stored.
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lr = rb + mi * 16 + h * 8;
+        const int r = min(row0 + lr, sg.rows - 1);
+        const float inv_r = s_inv[lr];
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int lc = cbase + ni * 8 + e;
+            const int c = min(col0 + lc, sg.cols - 1);
+            acc[mi][ni][2 * h + e] = cost_value(a, sg, r, c, acc[mi][ni][2 * h + e], inv_r * s_inv[BM + lc]);
+          }
+      }
+    float* C = a.C + sg.c_off;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + rb + mi * 16 + h * 8;
+        if (r >= sg.rows) continue;
+        float* Cr = C + int64_t(r) * sg.cols;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int c = col0 + cbase + ni * 8;
+          if (c < sg.cols) Cr[c] = acc[mi][ni][2 * h];
+          if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
+        }
+      }
+  }
+}
+
+// Split-K reduction for prune's on-chip path: sums the PARTIAL GEMM's split dot products and sums
+// of squares and applies the cost formula, writing C over split 0 (each element reads only its
+// own position in every split, so in place is safe). It runs on every SM, so the epilogue does
+// not land on the few SMs of the Sinkhorn clusters that read C next.
+__global__ __launch_bounds__(256) void cost_reduce_kernel(GemmArgs a, GemmTable tab) {
+  const GemmSeg& sg = tab.seg[blockIdx.y];
+  const int64_t total = int64_t(sg.rows) * sg.cols;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int r = int(e / sg.cols), c = int(e - int64_t(r) * sg.cols);
+    float dot = 0.0f, ss = 0.0f, st = 0.0f;
+    for (int q = 0; q < a.splits; ++q) {
+      dot += a.C[q * a.part_stride + sg.c_off + e];
+      ss += a.sq_s[q * a.sq_stride + sg.sq_off + r];
+      st += a.sq_t[q * a.sq_stride + sg.sq_off + c];
+    }
+    a.C[sg.c_off + e] = cost_value(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
+  }
 }
 
 // fp32 GEMM on FMA units (no TF32): 64 x 64 block tile, 4 x 4 outputs per thread.
@@ -296,5 +610,188 @@ __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTabl
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hopper wgmma GEMM configs (kernel in cost_wgmma.cuh, sm_90a only). Block tile 128 x BN, BK = 64,
+// 2 consumer warpgroups (64 rows each) + 1 TMA producer warpgroup = 384 threads, 1 block per SM
+// (launch bounds: 168 registers a thread; setmaxnreg moves the producer warpgroup to PREGS and the
+// consumers to CREGS: 128 * 40 + 256 * 232 = 65536 - 1024). Stages: WgWide 4 x 48 KB, WgMid
+// 5 x 40 KB, WgSq 6 x 32 KB (finer wave granularity; at 2 blocks per SM the launch bounds would
+// leave 80 registers, too few for the accumulators). SMEM: the stages, + 1024 (the kernel aligns
+// its base to the swizzle atom), + the full / empty mbarrier pairs.
+// ---------------------------------------------------------------------------------------------
+
+template <int BN_, int STAGES_>
+struct WgCfg {
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, MINB = 1;
+  static constexpr int NCT = 256, NT = NCT + 128;  // consumer threads; + the producer warpgroup
+  static constexpr int PREGS = 40, CREGS = 232;    // setmaxnreg targets: producer, consumers
+  static constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
+  static constexpr size_t SMEM = size_t(STAGES) * STAGE_BYTES + 1024 + size_t(2 * STAGES) * 8;
+};
+using WgWide = WgCfg<256, 4>;
+using WgMid = WgCfg<192, 5>;
+using WgSq = WgCfg<128, 6>;
+
+template <typename T, class Cfg, bool PARTIAL>
+inline cudaError_t launch_cost_gemm_wg_cfg(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
+                                           int max_cols, cudaStream_t st);  // cost_wgmma.cuh
+// Whether the wgmma kernel's tensor maps can describe these inputs (cost_wgmma.cuh).
+inline bool wg_tma_ok(const GemmArgs& a, const GemmTable& tab, int cnt);
+
+// Whether launches on the current device may use the wgmma kernel: the build has sm_90a code
+// (TOPV_HAS_SM90A) and the device is compute capability 9.0, the only one sm_90a code runs on.
+inline bool wg_available() {
+#if defined(TOPV_HAS_SM90A) && TOPV_HAS_SM90A
+  static signed char known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < 64 && known[dev]) return known[dev] > 0;
+  int major = 0, minor = 0;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                  major == 9 && minor == 0;
+  if (dev < 64) known[dev] = ok ? 1 : -1;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side of the tensor-core GEMMs: config / split choice and the launch.
+// ---------------------------------------------------------------------------------------------
+
+// Wave / efficiency model, in SM clocks of the busiest SM. eff: fraction of the dense 16-bit
+// peak (4096 FLOP / clk / SM on H100) a config reaches when the SM is full. mma.sync values are
+// fitted to H100 timings of csrc/tests/gemm_check.cu (B = 16 / 64 n = 576 d = 4096, 3072 x 16384
+// d = 3584): 128 x 256 ~0.35, 128 x 128 ~0.30, 64 x 64 ~0.25, 128 x 192 ~0.245 (its 6 warps leave
+// the SM short of warps). wgmma values (TMA + mbarrier pipeline) are estimates until measured the
+// same way.
+struct TcModel {
+  int bm, bn, occ;  // occ: blocks per SM the config is sized for
+  double eff;
+};
+// Model indices: [0, kTcConfigs) mma.sync (TcWide, TcMid, TcSq, TcSmall), then kWgConfigs wgmma
+// (WgWide, WgMid, WgSq).
+constexpr int kTcConfigs = 4, kWgConfigs = 3;
+inline TcModel tc_model(int i) {
+  constexpr TcModel m[kTcConfigs + kWgConfigs] = {{TcWide::BM, TcWide::BN, TcWide::MINB, 0.35},
+                                                  {TcMid::BM, TcMid::BN, TcMid::MINB, 0.245},
+                                                  {TcSq::BM, TcSq::BN, TcSq::MINB, 0.30},
+                                                  {TcSmall::BM, TcSmall::BN, TcSmall::MINB, 0.25},
+                                                  {WgWide::BM, WgWide::BN, WgWide::MINB, 0.80},
+                                                  {WgMid::BM, WgMid::BN, WgMid::MINB, 0.77},
+                                                  {WgSq::BM, WgSq::BN, WgSq::MINB, 0.70}};
+  return m[i];
+}
+
+inline double tc_model_cost(const TcModel& m, int cnt, int rows, int cols, long long d, int sm_count, int splits,
+                            bool partial) {
+  const long long tiles = (long long)((rows + m.bm - 1) / m.bm) * ((cols + m.bn - 1) / m.bn) * cnt;
+  const long long ktiles = d > 0 ? (d + 63) / 64 : 1;
+  const long long per = (ktiles + splits - 1) / splits;
+  const long long blocks = tiles * splits, sms = sm_count > 0 ? sm_count : 1;
+  const double main = double(m.bm) * m.bn * double(per * 64) * 2.0 / (4096.0 * m.eff);
+  // Epilogue: partial tiles are plain fp32 stores (~48 B / clk / SM); the cost formula is ~20
+  // instructions per element at 128 lanes / clk. Pipeline fill ~1500 clk, overlapped by
+  // co-resident blocks.
+  const double epi = double(m.bm) * m.bn * (partial ? 4.0 / 48.0 : 20.0 / 128.0);
+  const double fill = 1500.0 / m.occ;
+  double t = double((blocks + sms - 1) / sms) * (main + epi + fill);
+  // Each extra split is another rows x cols fp32 partial written here and read by the consumer.
+  if (partial) t += double(splits - 1) * cnt * double(rows) * cols * 8.0 / (64.0 * sms);
+  return t;
+}
+
+// The model index of the cheapest config of one family (wg: the wgmma configs, else mma.sync).
+inline int tc_pick_config(int cnt, int rows, int cols, long long d, int sm_count, int splits, bool partial, bool wg) {
+  const int lo = wg ? kTcConfigs : 0, hi = wg ? kTcConfigs + kWgConfigs : kTcConfigs;
+  int best = lo;
+  double bt = 0.0;
+  for (int i = lo; i < hi; ++i) {
+    const double t = tc_model_cost(tc_model(i), cnt, rows, cols, d, sm_count, splits, partial);
+    if (i == lo || t < bt) best = i, bt = t;
+  }
+  return best;
+}
+
+// Split count the launcher would like for this problem in PARTIAL mode (fills ~1-2 waves on
+// sm_count SMs for small problems such as B = 1, n = 576, d = 4096; returns 1 when the tiles
+// alone fill the GPU). Modelled for the kernel family the current device gets with aligned
+// (VEC) inputs: wgmma where wg_available(), else mma.sync.
+inline int cost_gemm_tc_splits(int cnt, int max_rows, int max_cols, long long d, int sm_count) {
+  if (cnt <= 0 || max_rows <= 0 || max_cols <= 0) return 1;
+  const bool wg = wg_available();
+  const long long ktiles = d > 0 ? (d + 63) / 64 : 1;
+  // >= 4 k tiles a split (else the pipeline never fills); grid z <= 65535.
+  const long long cap = std::min<long long>(std::min<long long>(32, std::max<long long>(1, ktiles / 4)),
+                                            65535 / cnt);
+  int best = 1;
+  double bt = 0.0;
+  for (int s = 1; s <= cap; ++s) {
+    const int i = tc_pick_config(cnt, max_rows, max_cols, d, sm_count, s, true, wg);
+    const double t = tc_model_cost(tc_model(i), cnt, max_rows, max_cols, d, sm_count, s, true);
+    if (s == 1 || t < 0.97 * bt) best = s, bt = t;  // a split must buy > 3%
+  }
+  return best;
+}
+
+template <typename T, class Cfg, bool VEC, bool PARTIAL>
+inline cudaError_t launch_cost_gemm_tc_cfg(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
+                                           int max_cols, cudaStream_t st) {
+  auto kernel = cost_gemm_tc_kernel<T, Cfg, VEC, PARTIAL>;
+  static bool raised[64] = {};  // per device: the attribute belongs to the device's context
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev >= 64 || !raised[dev]) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM));
+    if (e != cudaSuccess) return e;
+    if (dev < 64) raised[dev] = true;
+  }
+  GemmArgs b = a;
+  b.splits = PARTIAL ? std::max(a.splits, 1) : 1;
+  const long long z = (long long)cnt * b.splits;
+  if (z > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned((max_cols + Cfg::BN - 1) / Cfg::BN), unsigned((max_rows + Cfg::BM - 1) / Cfg::BM),
+                  unsigned(z));
+  kernel<<<grid, Cfg::NT, Cfg::SMEM, st>>>(b, tab);
+  return cudaGetLastError();
+}
+
+template <typename T, class Cfg, bool PARTIAL>
+inline cudaError_t launch_cost_gemm_tc_cfg(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
+                                           int max_cols, bool vec, cudaStream_t st) {
+  return vec ? launch_cost_gemm_tc_cfg<T, Cfg, true, PARTIAL>(a, tab, cnt, max_rows, max_cols, st)
+             : launch_cost_gemm_tc_cfg<T, Cfg, false, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
+}
+
+// Launches the 16-bit tensor-core GEMM over `cnt` segments (tab.seg[0..cnt)), grid sized from the
+// largest rows/cols; with PARTIAL the split count is a.splits (>= 1). Picks the kernel (wgmma for
+// inputs its tensor maps take (wg_tma_ok) where wg_available(), else mma.sync) and its tile config.
+template <typename T, bool PARTIAL>
+inline cudaError_t launch_cost_gemm_tc(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows, int max_cols,
+                                       bool vec, int sm_count, cudaStream_t st) {
+  if (cnt <= 0 || max_rows <= 0 || max_cols <= 0) return cudaSuccess;
+  if (cnt > kMaxSegmentsPerLaunch) return cudaErrorInvalidValue;
+  const int splits = PARTIAL ? std::max(a.splits, 1) : 1;
+  const bool wg = vec && wg_available() && wg_tma_ok(a, tab, cnt);
+  switch (tc_pick_config(cnt, max_rows, max_cols, a.d, sm_count, splits, PARTIAL, wg)) {
+    case 0: return launch_cost_gemm_tc_cfg<T, TcWide, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
+    case 1: return launch_cost_gemm_tc_cfg<T, TcMid, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
+    case 2: return launch_cost_gemm_tc_cfg<T, TcSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
+    case 3: return launch_cost_gemm_tc_cfg<T, TcSmall, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
+#if defined(TOPV_HAS_SM90A) && TOPV_HAS_SM90A
+    case 4: return launch_cost_gemm_wg_cfg<T, WgWide, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
+    case 5: return launch_cost_gemm_wg_cfg<T, WgMid, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
+    case 6: return launch_cost_gemm_wg_cfg<T, WgSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
+#endif
+    default: return cudaErrorInvalidValue;  // unreachable: wg is false without sm_90a code
+  }
+}
+
 }  // namespace detail
 }  // namespace topv
+
+// The wgmma kernel and launch_cost_gemm_wg_cfg (declared above; cost_wgmma.cuh includes this file).
+#include "topv/cost_wgmma.cuh"

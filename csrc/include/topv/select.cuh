@@ -49,14 +49,14 @@ __device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* t
   return before + in_warp;
 }
 
+// Selection of one segment by the whole block (NT threads); sc points at the segment's n scores
+// (global or shared memory). Also called by the cluster Sinkhorn kernel (sinkhorn_cluster.cuh).
 template <int NT>
-__global__ __launch_bounds__(NT) void select_kernel(const float* scores, SelTable tab, int64_t* kept) {
+__device__ void select_block(const float* sc, const SelSeg& sg, int64_t* kept) {
   __shared__ int hist[256];
   __shared__ int warp_tot[NT / 32];
   __shared__ unsigned s_digit;
   __shared__ int s_remaining;
-  const SelSeg sg = tab.seg[blockIdx.x];
-  const float* sc = scores + sg.score_off;
   const int n = sg.n, k_top = sg.keep - sg.k_rec;
 
   // 1. Radix select: the key K of the k_top-th largest element and how many elements equal to K
@@ -137,6 +137,13 @@ __global__ __launch_bounds__(NT) void select_kernel(const float* scores, SelTabl
     run_out += tot;
     if (keep) kept[sg.out_off + slot] = sg.index_base + i;
   }
+}
+
+
+template <int NT>
+__global__ __launch_bounds__(NT) void select_kernel(const float* scores, SelTable tab, int64_t* kept) {
+  const SelSeg& sg = tab.seg[blockIdx.x];
+  select_block<NT>(scores + sg.score_off, sg, kept);
 }
 
 }  // namespace detail

@@ -31,6 +31,10 @@ struct SinkhornParams {
   float eps = 0.1f;
   int n_iters = 3;
   float tol = 0.0f;  // > 0: per-segment early exit on the L1 row-marginal violation
+  // Largest thread-block cluster the on-chip path may use (sm_90+: one cluster per segment, the
+  // whole loop in one launch, when the segment's cost fits in the cluster's shared memory);
+  // 0 forces the pass kernels (two launches per iteration, cost in global memory).
+  int max_cluster = 16;
 };
 
 // Batched cost matrix: out (batch, n, m) fp32 row-major, out[b] = C(source[b], target[b]).
