@@ -44,8 +44,8 @@ if ! skip cmake; then
   section "cmake + ctest"
   TP=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
   TT=${TOPV_CMAKE_TORCH:-ON}  # OFF: kernels library + smoke test only (faster)
-  if cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$TP" -DTOPV_BUILD_TORCH="$TT" >"$OUT/cmake.log" 2>&1 \
-     || cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90 -DTOPV_BUILD_TORCH=OFF >>"$OUT/cmake.log" 2>&1; then
+  if cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_PREFIX_PATH="$TP" -DTOPV_BUILD_TORCH="$TT" >"$OUT/cmake.log" 2>&1 \
+     || cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90a -DTOPV_BUILD_TORCH=OFF >>"$OUT/cmake.log" 2>&1; then
     grep "topv:" "$OUT/cmake.log"
     cmake --build build-cmake -j 16 >>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; }
     ctest --test-dir build-cmake --output-on-failure 2>&1 | tail -6
@@ -98,8 +98,8 @@ PY
 fi
 
 if ! skip ptxas; then
-  section "ptxas resource usage (sm_90)"
-  nvcc -std=c++17 -O3 --use_fast_math -arch=sm_90 -Icsrc/include -Xptxas -v -c csrc/topv_api.cu -o /dev/null 2>&1 \
+  section "ptxas resource usage (sm_90a, the wgmma kernels included)"
+  nvcc -std=c++17 -O3 --use_fast_math -arch=sm_90a -DTOPV_HAS_SM90A=1 -Icsrc/include -Xptxas -v -c csrc/topv_api.cu -o /dev/null 2>&1 \
     | grep -E "Compiling entry|registers|spill" | paste - - - \
     | sed -E "s/.*entry function '([^']*)'.* ([0-9]+) bytes spill stores.*Used ([0-9]+) registers[^0-9]*([0-9]+ barriers)?(, ([0-9]+) bytes smem)?.*/\1 regs=\3 spill_stores=\2 smem=\6/" \
     | while read -r name rest; do echo "$(echo "$name" | c++filt | sed -E 's/topv::detail:://g; s/\(.*//') $rest"; done
