@@ -112,18 +112,8 @@ bool runs(int cfg, bool tma) { return cfg < kTcConfigs || cfg == kAllConfigs || 
 template <typename T, bool PARTIAL>
 cudaError_t launch_cfg(int cfg, const GemmArgs& a, const GemmTable& tab, int cnt, int mr, int mc, bool vec,
                        int sm, cudaStream_t st) {
-  switch (cfg) {
-    case 0: return launch_cost_gemm_tc_cfg<T, TcWide, PARTIAL>(a, tab, cnt, mr, mc, vec, st);
-    case 1: return launch_cost_gemm_tc_cfg<T, TcMid, PARTIAL>(a, tab, cnt, mr, mc, vec, st);
-    case 2: return launch_cost_gemm_tc_cfg<T, TcSq, PARTIAL>(a, tab, cnt, mr, mc, vec, st);
-    case 3: return launch_cost_gemm_tc_cfg<T, TcSmall, PARTIAL>(a, tab, cnt, mr, mc, vec, st);
-#if defined(TOPV_HAS_SM90A) && TOPV_HAS_SM90A
-    case 4: return launch_cost_gemm_wg_cfg<T, WgWide, PARTIAL>(a, tab, cnt, mr, mc, st);
-    case 5: return launch_cost_gemm_wg_cfg<T, WgMid, PARTIAL>(a, tab, cnt, mr, mc, st);
-    case 6: return launch_cost_gemm_wg_cfg<T, WgSq, PARTIAL>(a, tab, cnt, mr, mc, st);
-#endif
-    default: return launch_cost_gemm_tc<T, PARTIAL>(a, tab, cnt, mr, mc, vec, sm, st);  // the launcher's pick
-  }
+  return cfg == kAllConfigs ? launch_cost_gemm_tc<T, PARTIAL>(a, tab, cnt, mr, mc, vec, sm, st)  // the launcher's pick
+                            : launch_cost_gemm_config<T, PARTIAL>(cfg, a, tab, cnt, mr, mc, vec, st);
 }
 
 struct SegSpec {

@@ -175,6 +175,26 @@ using TcSmall = TcCfg<64, 64, 32, 32, 4, 3>;
 
 constexpr int kTcGroupM = 8;
 
+// The segment, split and tile of this block: grid z = segment * splits + split; tiles are visited
+// in groups of kTcGroupM tile rows side by side, then the next tile column (L2 reuse of a group's
+// A rows when one segment has many tiles).
+struct GemmTile {
+  int seg, split, tm, tn;
+};
+
+__device__ __forceinline__ GemmTile gemm_tile(int splits) {
+  GemmTile t;
+  t.seg = int(blockIdx.z) / splits;
+  t.split = int(blockIdx.z) - t.seg * splits;
+  const int gx = int(gridDim.x), gy = int(gridDim.y);
+  const int bid = int(blockIdx.y) * gx + int(blockIdx.x);
+  const int group = bid / (kTcGroupM * gx), first = group * kTcGroupM;
+  const int gsz = min(gy - first, kTcGroupM), in = bid - group * kTcGroupM * gx;
+  t.tm = first + in % gsz;
+  t.tn = in / gsz;
+  return t;
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t saddr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -252,20 +272,8 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
   extern __shared__ __align__(128) unsigned char smem_raw[];
 
   const int splits = PARTIAL ? a.splits : 1;
-  const int seg = PARTIAL ? int(blockIdx.z) / splits : int(blockIdx.z);
-  const int split = PARTIAL ? int(blockIdx.z) - seg * splits : 0;
+  const auto [seg, split, tm, tn] = gemm_tile(splits);
   const GemmSeg& sg = tab.seg[seg];
-
-  // Grouped tile order: kTcGroupM tile rows side by side, then the next tile column.
-  int tm, tn;
-  {
-    const int gx = int(gridDim.x), gy = int(gridDim.y);
-    const int bid = int(blockIdx.y) * gx + int(blockIdx.x);
-    const int group = bid / (kTcGroupM * gx), first = group * kTcGroupM;
-    const int gsz = min(gy - first, kTcGroupM), in = bid - group * kTcGroupM * gx;
-    tm = first + in % gsz;
-    tn = in / gsz;
-  }
   const int row0 = tm * BM, col0 = tn * BN;
   if (row0 >= sg.rows || col0 >= sg.cols) return;
   if (a.done && a.done[sg.id]) return;
@@ -478,23 +486,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
 
   // ---- epilogue straight from the accumulators: c0 c1 = (row g, cols 2t, 2t + 1), c2 c3 = row g + 8.
   const int rb = wm * WM + g, cbase = wn * WN + 2 * t4;
-  if constexpr (PARTIAL) {
-    float* C = a.C + split * a.part_stride + sg.c_off;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row0 + rb + mi * 16 + h * 8;
-        if (r >= sg.rows) continue;
-        float* Cr = C + int64_t(r) * sg.cols;
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int c = col0 + cbase + ni * 8;
-          if (c < sg.cols) Cr[c] = acc[mi][ni][2 * h];
-          if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
-        }
-      }
-  } else {
+  if constexpr (!PARTIAL) {
     __syncthreads();  // s_inv complete
     // Cost values first, stores after: with no store in between, the compiler can share the
     // position loads and row / column terms across the tile (P, Q and C may alias as far as it
@@ -515,22 +507,23 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
             acc[mi][ni][2 * h + e] = cost_value(a, sg, r, c, acc[mi][ni][2 * h + e], inv_r * s_inv[BM + lc]);
           }
       }
-    float* C = a.C + sg.c_off;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row0 + rb + mi * 16 + h * 8;
-        if (r >= sg.rows) continue;
-        float* Cr = C + int64_t(r) * sg.cols;
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int c = col0 + cbase + ni * 8;
-          if (c < sg.cols) Cr[c] = acc[mi][ni][2 * h];
-          if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
-        }
-      }
   }
+  // PARTIAL: the raw dot products of this split; else the cost.
+  float* C = a.C + (PARTIAL ? split * a.part_stride : 0) + sg.c_off;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + rb + mi * 16 + h * 8;
+      if (r >= sg.rows) continue;
+      float* Cr = C + int64_t(r) * sg.cols;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int c = col0 + cbase + ni * 8;
+        if (c < sg.cols) Cr[c] = acc[mi][ni][2 * h];
+        if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
+      }
+    }
 }
 
 // Split-K reduction for prune's on-chip path: sums the PARTIAL GEMM's split dot products and sums
@@ -736,25 +729,40 @@ inline int cost_gemm_tc_splits(int cnt, int max_rows, int max_cols, long long d,
   return best;
 }
 
+// Raises a kernel's dynamic shared-memory limit once per device (the attribute belongs to the
+// device's context; a function attribute, not a stream operation, so fine during graph capture).
+template <auto Kernel>
+inline cudaError_t raise_smem_once(int bytes) {
+  static bool raised[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess || (dev < 64 && raised[dev])) return e;
+  e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && dev < 64) raised[dev] = true;
+  return e;
+}
+
+// The GEMM kernels' grid (z = segment * splits + split) and their arguments with the split count
+// they read; false when z exceeds the grid limit.
+inline bool gemm_grid(const GemmArgs& a, bool partial, int cnt, int max_rows, int max_cols, int bm, int bn,
+                      GemmArgs* b, dim3* grid) {
+  *b = a;
+  b->splits = partial ? std::max(a.splits, 1) : 1;
+  const long long z = (long long)cnt * b->splits;
+  if (z > 65535) return false;
+  *grid = dim3(unsigned((max_cols + bn - 1) / bn), unsigned((max_rows + bm - 1) / bm), unsigned(z));
+  return true;
+}
+
 template <typename T, class Cfg, bool VEC, bool PARTIAL>
 inline cudaError_t launch_cost_gemm_tc_cfg(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
                                            int max_cols, cudaStream_t st) {
-  auto kernel = cost_gemm_tc_kernel<T, Cfg, VEC, PARTIAL>;
-  static bool raised[64] = {};  // per device: the attribute belongs to the device's context
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  constexpr auto kernel = cost_gemm_tc_kernel<T, Cfg, VEC, PARTIAL>;
+  const cudaError_t e = raise_smem_once<kernel>(int(Cfg::SMEM));
   if (e != cudaSuccess) return e;
-  if (dev >= 64 || !raised[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM));
-    if (e != cudaSuccess) return e;
-    if (dev < 64) raised[dev] = true;
-  }
-  GemmArgs b = a;
-  b.splits = PARTIAL ? std::max(a.splits, 1) : 1;
-  const long long z = (long long)cnt * b.splits;
-  if (z > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(unsigned((max_cols + Cfg::BN - 1) / Cfg::BN), unsigned((max_rows + Cfg::BM - 1) / Cfg::BM),
-                  unsigned(z));
+  GemmArgs b;
+  dim3 grid;
+  if (!gemm_grid(a, PARTIAL, cnt, max_rows, max_cols, Cfg::BM, Cfg::BN, &b, &grid)) return cudaErrorInvalidValue;
   kernel<<<grid, Cfg::NT, Cfg::SMEM, st>>>(b, tab);
   return cudaGetLastError();
 }
@@ -769,14 +777,12 @@ inline cudaError_t launch_cost_gemm_tc_cfg(const GemmArgs& a, const GemmTable& t
 // Launches the 16-bit tensor-core GEMM over `cnt` segments (tab.seg[0..cnt)), grid sized from the
 // largest rows/cols; with PARTIAL the split count is a.splits (>= 1). Picks the kernel (wgmma for
 // inputs its tensor maps take (wg_tma_ok) where wg_available(), else mma.sync) and its tile config.
+// Launches tile config `cfg`: 0-3 mma.sync (TcWide, TcMid, TcSq, TcSmall), 4-6 wgmma (WgWide,
+// WgMid, WgSq; sm_90a builds only, and only for inputs wg_tma_ok accepts).
 template <typename T, bool PARTIAL>
-inline cudaError_t launch_cost_gemm_tc(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows, int max_cols,
-                                       bool vec, int sm_count, cudaStream_t st) {
-  if (cnt <= 0 || max_rows <= 0 || max_cols <= 0) return cudaSuccess;
-  if (cnt > kMaxSegmentsPerLaunch) return cudaErrorInvalidValue;
-  const int splits = PARTIAL ? std::max(a.splits, 1) : 1;
-  const bool wg = vec && wg_available() && wg_tma_ok(a, tab, cnt);
-  switch (tc_pick_config(cnt, max_rows, max_cols, a.d, sm_count, splits, PARTIAL, wg)) {
+inline cudaError_t launch_cost_gemm_config(int cfg, const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
+                                           int max_cols, bool vec, cudaStream_t st) {
+  switch (cfg) {
     case 0: return launch_cost_gemm_tc_cfg<T, TcWide, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
     case 1: return launch_cost_gemm_tc_cfg<T, TcMid, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
     case 2: return launch_cost_gemm_tc_cfg<T, TcSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, vec, st);
@@ -786,8 +792,19 @@ inline cudaError_t launch_cost_gemm_tc(const GemmArgs& a, const GemmTable& tab, 
     case 5: return launch_cost_gemm_wg_cfg<T, WgMid, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
     case 6: return launch_cost_gemm_wg_cfg<T, WgSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
 #endif
-    default: return cudaErrorInvalidValue;  // unreachable: wg is false without sm_90a code
+    default: return cudaErrorInvalidValue;
   }
+}
+
+template <typename T, bool PARTIAL>
+inline cudaError_t launch_cost_gemm_tc(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows, int max_cols,
+                                       bool vec, int sm_count, cudaStream_t st) {
+  if (cnt <= 0 || max_rows <= 0 || max_cols <= 0) return cudaSuccess;
+  if (cnt > kMaxSegmentsPerLaunch) return cudaErrorInvalidValue;
+  const int splits = PARTIAL ? std::max(a.splits, 1) : 1;
+  const bool wg = vec && wg_available() && wg_tma_ok(a, tab, cnt);
+  return launch_cost_gemm_config<T, PARTIAL>(tc_pick_config(cnt, max_rows, max_cols, a.d, sm_count, splits, PARTIAL, wg),
+                                             a, tab, cnt, max_rows, max_cols, vec, st);
 }
 
 }  // namespace detail

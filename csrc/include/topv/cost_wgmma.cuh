@@ -220,20 +220,8 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
   auto empty_bar = [&](int s) { return bar0 + 8u * uint32_t(STAGES + s); };
 
   const int splits = PARTIAL ? a.splits : 1;
-  const int seg = PARTIAL ? int(blockIdx.z) / splits : int(blockIdx.z);
-  const int split = PARTIAL ? int(blockIdx.z) - seg * splits : 0;
+  const auto [seg, split, tm, tn] = gemm_tile(splits);
   const GemmSeg& sg = tab.seg[seg];
-
-  // Grouped tile order, as in cost_gemm_tc_kernel (L2 reuse of a group's A rows).
-  int tm, tn;
-  {
-    const int gx = int(gridDim.x), gy = int(gridDim.y);
-    const int bid = int(blockIdx.y) * gx + int(blockIdx.x);
-    const int group = bid / (kTcGroupM * gx), first = group * kTcGroupM;
-    const int gsz = min(gy - first, kTcGroupM), in = bid - group * kTcGroupM * gx;
-    tm = first + in % gsz;
-    tn = in / gsz;
-  }
   const int row0 = tm * BM, col0 = tn * BN;
   if (row0 >= sg.rows || col0 >= sg.cols) return;
   if (a.done && a.done[sg.id]) return;
@@ -498,22 +486,12 @@ inline cudaError_t launch_cost_gemm_wg_cfg(const GemmArgs& a, const GemmTable& t
   if (!wg_encode_map<T>(&ms, a.S, a.d, a.lds, wg_map_rows(tab, cnt, a.lds, true), Cfg::BM) ||
       !wg_encode_map<T>(&mt, a.T, a.d, a.ldt, wg_map_rows(tab, cnt, a.ldt, false), Cfg::BN))
     return cudaErrorInvalidValue;
-  auto kernel = cost_gemm_wg_kernel<T, Cfg, PARTIAL>;
-  static bool raised[64] = {};  // per device: the attribute belongs to the device's context
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  constexpr auto kernel = cost_gemm_wg_kernel<T, Cfg, PARTIAL>;
+  const cudaError_t e = raise_smem_once<kernel>(int(Cfg::SMEM));
   if (e != cudaSuccess) return e;
-  if (dev >= 64 || !raised[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM));
-    if (e != cudaSuccess) return e;
-    if (dev < 64) raised[dev] = true;
-  }
-  GemmArgs b = a;
-  b.splits = PARTIAL ? std::max(a.splits, 1) : 1;
-  const long long z = (long long)cnt * b.splits;
-  if (z > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(unsigned((max_cols + Cfg::BN - 1) / Cfg::BN), unsigned((max_rows + Cfg::BM - 1) / Cfg::BM),
-                  unsigned(z));
+  GemmArgs b;
+  dim3 grid;
+  if (!gemm_grid(a, PARTIAL, cnt, max_rows, max_cols, Cfg::BM, Cfg::BN, &b, &grid)) return cudaErrorInvalidValue;
   kernel<<<grid, Cfg::NT, Cfg::SMEM, st>>>(b, tab, ms, mt);
   return cudaGetLastError();
 }
