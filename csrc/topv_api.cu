@@ -62,7 +62,7 @@ cudaError_t launch_prep_dt(DType dt, const CheckMat& a, const CheckMat& b, int64
 }
 
 // The cost GEMM over `segs` (<= kMaxSegmentsPerLaunch per launch). PARTIAL (16-bit inputs only):
-// split-K partial dot products and sums of squares for the cluster kernel's epilogue.
+// split-K partial dot products and sums of squares, which cost_reduce_kernel turns into C.
 template <typename T>
 cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, bool partial, cudaStream_t st) {
   GemmTable tab;
@@ -139,7 +139,9 @@ size_t cluster_setup(int dev) {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess) {
     cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, sinkhorn_cluster_kernel) == cudaSuccess && size_t(optin) > fa.sharedSizeBytes) {
+    // ptxVersion: a build without sm_90 code (say 8.0+PTX, JIT-compiled here) has an empty body.
+    if (cudaFuncGetAttributes(&fa, sinkhorn_cluster_kernel) == cudaSuccess && fa.ptxVersion >= 90 &&
+        size_t(optin) > fa.sharedSizeBytes) {
       lim = size_t(optin) - fa.sharedSizeBytes;
       if (cudaFuncSetAttribute(sinkhorn_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lim)) !=
               cudaSuccess ||
