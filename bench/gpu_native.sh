@@ -69,8 +69,14 @@ for dt in (torch.float32, torch.bfloat16):
         p = torch.rand(T, 2, generator=g).cuda()
         topv.prune(s, t, p, keep, seg_lens=lens, backend="cuda", tol=1e-3, n_iters=5)
         topv.prune(s[:, :37], t[:, :37], p, keep, seg_lens=lens, backend="cuda")
+# B = 1 LLaVA shape: split-K GEMM + reduction, bulk-copied slabs, the on-chip kernel's selection.
+s = torch.randn(1, 576, 4096, generator=g).bfloat16().cuda()
+topv.prune(s, s, topv.grid_positions(24, 24, device="cuda"), 144, backend="cuda", check_finite=False)
 C = torch.rand(2, 33, 45).cuda()
 topv.sinkhorn(C, backend="cuda", tol=1e-3)
+# Costs that send rows and columns to the exact (max-first) path of the on-chip kernel.
+topv.sinkhorn(torch.rand(2, 45, 70).cuda() * 2, backend="cuda", eps=0.003, n_iters=5)
+topv.sinkhorn(torch.rand(2, 45, 70).cuda() * 4 - 8, backend="cuda", eps=0.05, n_iters=5)
 topv.cost_matrix(torch.randn(2, 5, 24).cuda(), torch.randn(2, 6, 24).cuda(), torch.rand(5, 2).cuda(), torch.rand(6, 2).cuda(), backend="cuda")
 torch.cuda.synchronize(); print("memcheck case done")
 PY
@@ -94,7 +100,7 @@ PY
   m=$m,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio
   m=$m,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,gpu__time_duration.sum
   timeout 120 ncu --clock-control none --kernel-name regex:"cost_gemm|cost_reduce|sinkhorn_cluster" --metrics "$m" python "$OUT/ncu_case.py" 2>&1 \
-    | grep -E "cost_gemm|cost_reduce|sinkhorn_cluster|^\s+(sm__|dram__|l1tex__|smsp__|gpu__)" | sed -E 's/ +/ /g' | cut -c1-140 | head -30
+    | grep -E "cost_gemm|cost_reduce|sinkhorn_cluster|^\s+(sm__|dram__|l1tex__|smsp__|gpu__)" | sed -E "s/ +/ /g" | cut -c1-140 | head -60
 fi
 
 if ! skip ptxas; then

@@ -35,6 +35,27 @@ int sm_count() {
   return sms;
 }
 
+// Calls launch(table, count) for each run of <= kMaxSegmentsPerLaunch items, copied into the
+// table that the kernels take by value; stops at the first error.
+template <class Table, class Item, class Launch>
+cudaError_t for_each_table(const std::vector<Item>& items, Launch&& launch) {
+  Table tab;
+  for (size_t base = 0; base < items.size(); base += kMaxSegmentsPerLaunch) {
+    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, items.size() - base));
+    std::copy(items.begin() + base, items.begin() + base + cnt, tab.seg);
+    TOPV_TRY(launch(tab, cnt));
+  }
+  return cudaSuccess;
+}
+
+// Largest rows / cols of a launch's segments (grid extents).
+template <class Seg, class Size>
+int max_of(const Seg* seg, int cnt, Size size) {
+  int v = 1;
+  for (int k = 0; k < cnt; ++k) v = std::max(v, size(seg[k]));
+  return v;
+}
+
 // ------------------------------------------------------------------ launches
 
 template <typename T>
@@ -65,30 +86,22 @@ cudaError_t launch_prep_dt(DType dt, const CheckMat& a, const CheckMat& b, int64
 // split-K partial dot products and sums of squares, which cost_reduce_kernel turns into C.
 template <typename T>
 cudaError_t launch_gemm_t(const GemmArgs& ga, const std::vector<GemmSeg>& segs, bool partial, cudaStream_t st) {
-  GemmTable tab;
-  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
-    int max_r = 1, max_c = 1;
-    for (int k = 0; k < cnt; ++k) {
-      tab.seg[k] = segs[base + k];
-      max_r = std::max(max_r, segs[base + k].rows);
-      max_c = std::max(max_c, segs[base + k].cols);
-    }
+  return for_each_table<GemmTable>(segs, [&](const GemmTable& tab, int cnt) {
+    const int max_r = max_of(tab.seg, cnt, [](const GemmSeg& g) { return g.rows; });
+    const int max_c = max_of(tab.seg, cnt, [](const GemmSeg& g) { return g.cols; });
     if constexpr (std::is_same<T, float>::value) {
       if (partial) return cudaErrorInvalidValue;
       dim3 grid(unsigned((max_c + 63) / 64), unsigned((max_r + 63) / 64), unsigned(cnt));
       cost_gemm_f32_kernel<<<grid, 256, 0, st>>>(ga, tab);
-      TOPV_TRY(cudaGetLastError());
+      return cudaGetLastError();
     } else {
       const bool vec = ga.d % 8 == 0 && ga.lds % 8 == 0 && ga.ldt % 8 == 0 &&
                        reinterpret_cast<uintptr_t>(ga.S) % 16 == 0 && reinterpret_cast<uintptr_t>(ga.T) % 16 == 0 &&
                        std::all_of(tab.seg, tab.seg + cnt, [](const GemmSeg& s) { return s.s_off % 8 == 0 && s.t_off % 8 == 0; });
-      const cudaError_t e = partial ? launch_cost_gemm_tc<T, true>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st)
-                                    : launch_cost_gemm_tc<T, false>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st);
-      TOPV_TRY(e);
+      return partial ? launch_cost_gemm_tc<T, true>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st)
+                     : launch_cost_gemm_tc<T, false>(ga, tab, cnt, max_r, max_c, vec, sm_count(), st);
     }
-  }
-  return cudaSuccess;
+  });
 }
 
 cudaError_t launch_gemm(DType dt, const GemmArgs& ga, const std::vector<GemmSeg>& segs, bool partial,
@@ -101,22 +114,13 @@ cudaError_t launch_gemm(DType dt, const GemmArgs& ga, const std::vector<GemmSeg>
   return cudaErrorInvalidValue;
 }
 
+// One block per row of a segment: the row's norm once, float4 columns where the layout allows.
 cudaError_t launch_cost_reduce(const GemmArgs& ga, const std::vector<GemmSeg>& segs, cudaStream_t st) {
-  GemmTable tab;
-  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
-    long long most = 1;
-    for (int k = 0; k < cnt; ++k) {
-      tab.seg[k] = segs[base + k];
-      most = std::max(most, (long long)segs[base + k].rows * segs[base + k].cols);
-    }
-    // About two waves of 256-thread blocks over the whole GPU, whatever the segment count.
-    const long long want = std::max<long long>(1, 2LL * 8 * sm_count() / cnt);
-    const unsigned bx = unsigned(std::min<long long>((most + 255) / 256, want));
-    cost_reduce_kernel<<<dim3(bx, unsigned(cnt)), 256, 0, st>>>(ga, tab);
-    TOPV_TRY(cudaGetLastError());
-  }
-  return cudaSuccess;
+  return for_each_table<GemmTable>(segs, [&](const GemmTable& tab, int cnt) {
+    const int max_r = max_of(tab.seg, cnt, [](const GemmSeg& g) { return g.rows; });
+    cost_reduce_kernel<<<dim3(unsigned(max_r), unsigned(cnt)), kReduceThreads, 0, st>>>(ga, tab);
+    return cudaGetLastError();
+  });
 }
 
 // ------------------------------------------------------------------ on-chip (cluster) Sinkhorn
@@ -213,36 +217,23 @@ ClusterPlan plan_cluster(int64_t nseg, int64_t n, int64_t m, int max_cluster) {
 
 cudaError_t launch_cluster(const ClusterArgs& ca, const std::vector<ClusterSeg>& segs, const ClusterPlan& plan,
                            cudaStream_t st) {
-  ClusterTable tab;
-  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
-    std::copy(segs.begin() + base, segs.begin() + base + cnt, tab.seg);
+  return for_each_table<ClusterTable>(segs, [&](const ClusterTable& tab, int cnt) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(dim3(unsigned(plan.cs), unsigned(cnt)), plan.cs, plan.smem, st, &attr);
-    TOPV_TRY(cudaLaunchKernelEx(&cfg, sinkhorn_cluster_kernel, ca, tab));
-  }
-  return cudaSuccess;
+    return cudaLaunchKernelEx(&cfg, sinkhorn_cluster_kernel, ca, tab);
+  });
 }
 
 // One Sinkhorn pass (row kernel, then the column kernel when `col` is set) over <= kMax segments.
 cudaError_t launch_pass(const RowArgs& ra, const ColArgs* ca, const std::vector<SkSeg>& segs, cudaStream_t st) {
-  SkTable tab;
-  for (size_t base = 0; base < segs.size(); base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, segs.size() - base));
-    int max_r = 1, max_c = 1;
-    for (int k = 0; k < cnt; ++k) {
-      tab.seg[k] = segs[base + k];
-      max_r = std::max(max_r, segs[base + k].r1 - segs[base + k].r0);
-      max_c = std::max(max_c, segs[base + k].cols);
-    }
+  return for_each_table<SkTable>(segs, [&](const SkTable& tab, int cnt) {
+    const int max_r = max_of(tab.seg, cnt, [](const SkSeg& g) { return g.r1 - g.r0; });
+    const int max_c = max_of(tab.seg, cnt, [](const SkSeg& g) { return g.cols; });
     sk_row_kernel<kRowWarps><<<dim3(unsigned((max_r + kRowWarps - 1) / kRowWarps), unsigned(cnt)), kRowWarps * 32, 0, st>>>(ra, tab);
     TOPV_TRY(cudaGetLastError());
-    if (ca) {
-      sk_col_kernel<<<dim3(unsigned((max_c + 31) / 32), unsigned(cnt)), 256, 0, st>>>(*ca, tab);
-      TOPV_TRY(cudaGetLastError());
-    }
-  }
-  return cudaSuccess;
+    if (ca) sk_col_kernel<<<dim3(unsigned((max_c + 31) / 32), unsigned(cnt)), 256, 0, st>>>(*ca, tab);
+    return cudaGetLastError();
+  });
 }
 
 // ------------------------------------------------------------------ prune layout
@@ -453,11 +444,26 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
                    first ? 1 : 0, last ? 1 : 0, tol && t >= 2 ? 1 : 0};
   };
 
+  // The GEMM segments of a non-streaming group, their costs one after another in the buffer.
+  auto gemm_segs = [&](const Group& grp) {
+    std::vector<GemmSeg> gs;
+    long long c_off = 0;
+    for (int64_t k = grp.first; k < grp.first + grp.count; ++k) {
+      const int n = int(a.seg_lens[k]);
+      const int64_t r = start[k];
+      gs.push_back(GemmSeg{r * a.source_row_stride, r * a.target_row_stride, c_off, pos_off(r, 0), pos_off(r, 0), n,
+                           n, int(k), int(r)});
+      c_off += (long long)n * n;
+    }
+    return gs;
+  };
+
   std::vector<SelSeg> sel;  // segments the pass kernels scored: selected by select_kernel at the end
   for (const Group& grp : groups) {
     if (grp.cluster.cs > 0) {
       // C of every segment of the group: straight from the GEMM, or (split-K, when the tiles
-      // alone do not fill the GPU) from partials that the reduction kernel turns into C.
+      // alone do not fill the GPU) from partials that the reduction kernel turns into C. (Summing
+      // them in the cluster kernel's slab load instead was slower: 16 SMs do that work.)
       GemmArgs gp = ga;
       gp.done = nullptr;  // the done flags are the pass kernels' (and not cleared here)
       const bool partial = grp.splits > 1;
@@ -468,18 +474,9 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
         gp.part_stride = grp.c_elems;
         gp.splits = grp.splits;
       }
-      std::vector<GemmSeg> gs;
-      std::vector<ClusterSeg> cseg;
-      long long c_off = 0;
-      for (int64_t k = grp.first; k < grp.first + grp.count; ++k) {
-        const int n = int(a.seg_lens[k]);
-        const int64_t r = start[k];
-        GemmSeg g{r * a.source_row_stride, r * a.target_row_stride, c_off, pos_off(r, 0), pos_off(r, 0), n, n, int(k)};
-        g.sq_off = int(r);
-        gs.push_back(g);
-        cseg.push_back(ClusterSeg{c_off, n, n, int(r), int(r), sel_seg(k)});
-        c_off += (long long)n * n;
-      }
+      const std::vector<GemmSeg> gs = gemm_segs(grp);
+      std::vector<ClusterSeg> cseg;  // sq_off is the segment's first packed row
+      for (const GemmSeg& g : gs) cseg.push_back(ClusterSeg{g.c_off, g.rows, g.cols, g.sq_off, g.sq_off, sel_seg(g.id)});
       TOPV_TRY(launch_gemm(a.dtype, gp, gs, partial, st));
       if (partial) TOPV_TRY(launch_cost_reduce(gp, gs, st));
       const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, p.eps, p.tol, p.n_iters};
@@ -488,17 +485,9 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
     }
     for (int64_t k = grp.first; k < grp.first + grp.count; ++k) sel.push_back(sel_seg(k));
     if (!grp.streaming) {
-      std::vector<GemmSeg> gs;
+      const std::vector<GemmSeg> gs = gemm_segs(grp);
       std::vector<SkSeg> ss;
-      long long c_off = 0;
-      for (int64_t k = grp.first; k < grp.first + grp.count; ++k) {
-        const int n = int(a.seg_lens[k]);
-        const int64_t r = start[k];
-        gs.push_back(GemmSeg{r * a.source_row_stride, r * a.target_row_stride, c_off, pos_off(r, 0), pos_off(r, 0), n,
-                             n, int(k)});
-        ss.push_back(SkSeg{c_off, n, n, int(r), int(r), 0, n, int(k)});
-        c_off += (long long)n * n;
-      }
+      for (const GemmSeg& g : gs) ss.push_back(SkSeg{g.c_off, g.rows, g.cols, g.sq_off, g.sq_off, 0, g.rows, g.id});
       TOPV_TRY(launch_gemm(a.dtype, ga, gs, false, st));
       for (int t = 1; t <= p.n_iters + 1; ++t) {
         const RowArgs ra = row_args(t);
@@ -532,14 +521,10 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
     }
   }
 
-  SelTable tab;
-  for (size_t base = 0; base < sel.size(); base += kMaxSegmentsPerLaunch) {
-    const int cnt = int(std::min<size_t>(kMaxSegmentsPerLaunch, sel.size() - base));
-    std::copy(sel.begin() + base, sel.begin() + base + cnt, tab.seg);
+  return for_each_table<SelTable>(sel, [&](const SelTable& tab, int cnt) {
     select_kernel<1024><<<cnt, 1024, 0, st>>>(scores, tab, kept);
-    TOPV_TRY(cudaGetLastError());
-  }
-  return cudaSuccess;
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace topv

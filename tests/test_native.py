@@ -232,6 +232,22 @@ def test_sinkhorn_native_matches_oracle(device, marginals, sinkhorn_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shift, eps", [(0.0, 0.003), (-8.0, 0.05)], ids=["tiny-eps", "negative-cost"])
+def test_sinkhorn_native_extreme_costs(device, shift, eps, sinkhorn_path):
+    """The on-chip kernel sums exp2 against a bound instead of the max and redoes a row or column
+    with its max when the sum leaves the safe range. These costs take that path: a tiny eps puts
+    some columns' mass 2^-64 below the bound, and negative costs break the first row pass's bound
+    (K <= 0). Every path must still match the oracle."""
+    B, n, m = 2, 45, 70
+    C = torch.rand(B, n, m, generator=_gen(6), dtype=torch.float64) * (2 if shift == 0 else 4) + shift
+    f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), None, None, eps, 5, 0.0)
+    ref = [reference.sinkhorn(C[k:k + 1], eps=eps, n_iters=5) for k in range(B)]
+    assert torch.isfinite(f).all() and torch.isfinite(gg).all()
+    torch.testing.assert_close(f.double().cpu(), torch.cat([x for x, _ in ref]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gg.double().cpu(), torch.cat([y for _, y in ref]), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_native_ops(device):
     g = _gen(7)
     n, d = 21, 16

@@ -3,18 +3,20 @@
 //   nvcc -std=c++17 -O3 --use_fast_math -arch=sm_90a -DTOPV_HAS_SM90A -Icsrc/include csrc/tests/gemm_check.cu -o /tmp/gemm_check
 // (-arch=sm_90 without the macro checks the mma.sync kernels only; no -lcuda: the wgmma launcher gets
 // cuTensorMapEncodeTiled through the runtime.)
-// 1. Correctness, bf16 and fp16: odd sizes (n = 1, 7, 33, 577), d = 72 / 4100 (not a multiple of 8:
-//    the element-wise path) / 4096, row strides larger than d, a table of 3 segments of different
-//    sizes, a rectangular segment, a zero row (inv_norm's 0 branch) and the done flags. Every tile
-//    config (the wgmma ones where the device runs them, for inputs their TMA tensor maps take) is
-//    run explicitly as well as through the launcher's own choice, PARTIAL = false and
-//    PARTIAL = true with 1, 3, 5 splits and the launcher's split count. The reference is one
-//    thread per output (fp32 dot and sums of squares, the same cost_value). Outputs are poisoned
-//    with NaN first, so an element never written fails, and the gaps between segments and the
-//    buffer tail must stay poisoned (no stray writes).
+// 1. Correctness, bf16 and fp16: odd sizes (n = 1, 7, 33, 193, 577), d = 72 / 4100 (not a multiple
+//    of 8: the element-wise path) / 4096, row strides larger than d, tables of 2 and 3 segments of
+//    different sizes (n = 576: whole 192 x 192 tiles), a rectangular segment, a zero row
+//    (inv_norm's 0 branch) and the done flags. Every tile config (the wgmma ones where the device
+//    runs them, for inputs their TMA tensor maps take) is run explicitly as well as through the
+//    launcher's own choice, PARTIAL = false and PARTIAL = true with 1, 3, 5 splits and the
+//    launcher's split count. The reference is one thread per output (fp32 dot and sums of
+//    squares, the same cost_value). Outputs are poisoned with NaN first, so an element never
+//    written fails, and the gaps between segments and the buffer tail must stay poisoned (no stray
+//    writes).
 // 2. Timing (median of 50 after warm-up, cudaEvent) of (a) B = 1, n = 576, d = 4096 (split-K),
-//    (b) B = 16, n = 576, d = 4096, (c) a 3072 x 16384 row chunk with d = 3584, bf16, for the
-//    launcher's choice and for every config (to calibrate the launcher's model).
+//    (b) B = 16 / 64, n = 576, d = 4096, (c) a 3072 x 16384 row chunk with d = 3584, (d) B = 1,
+//    n = 2880, d = 4096, bf16, for the launcher's choice and for every config (to calibrate the
+//    launcher's model).
 // Prints "ALL OK" and returns 0 when every check passes.
 #include <algorithm>
 #include <cmath>
@@ -102,7 +104,8 @@ __global__ void finish_partial_kernel(GemmArgs a, GemmTable tab, const float* pa
 
 // Model indices of cost.cuh: mma.sync configs, then wgmma configs.
 const char* kCfgName[] = {"128x256/8w", "128x192/6w", "128x128/4w", "64x64/4w",
-                          "wg 128x256", "wg 128x192", "wg 128x128"};
+                          "wg 128x256", "wg 128x192", "wg 128x128", "wg 192x192"};
+static_assert(sizeof(kCfgName) / sizeof(kCfgName[0]) == kTcConfigs + kWgConfigs, "a name per config");
 constexpr int kAllConfigs = kTcConfigs + kWgConfigs;  // launch_cfg(kAllConfigs): the launcher's pick
 
 // Whether config cfg can run here: the wgmma kernel needs wg_available() and inputs its tensor maps
@@ -501,6 +504,7 @@ int main() {
       {"n=577 d=4096 zero row", {{577, 577}}, 4096, 4096, 4096, 0, true},
       {"n=577 d=4100 (element-wise)", {{577, 577}}, 4100, 4100, 4100},
       {"3 segments 577/130/65 d=4096 strided", {{577, 577}, {130, 130}, {65, 65}}, 4096, 4160, 4104},
+      {"2 segments 576/193 d=1024", {{576, 576}, {193, 193}}, 1024, 1024, 1024},
       {"3 segments 33/577/7 d=72 done flags", {{33, 33}, {577, 577}, {7, 7}}, 72, 72, 72, 0, false, true},
       {"3 segments misaligned base d=256", {{200, 200}, {61, 61}, {300, 300}}, 256, 256, 256, 3},
       // 16-byte aligned but segment offsets not whole rows: vec, no tensor map (mma.sync only).
@@ -522,6 +526,7 @@ int main() {
   bench("(b)", 16, 576, 576, 4096, 0, sm, st);
   bench("(b)", 64, 576, 576, 4096, 0, sm, st);
   bench("(c)", 1, 3072, 16384, 3584, 0, sm, st);
+  bench("(d)", 1, 2880, 2880, 4096, 0, sm, st);
   CHECK(cudaStreamDestroy(st));
   if (g_fail) {
     std::printf("%d FAILURES\n", g_fail);

@@ -528,20 +528,45 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
 
 // Split-K reduction for prune's on-chip path: sums the PARTIAL GEMM's split dot products and sums
 // of squares and applies the cost formula, writing C over split 0 (each element reads only its
-// own position in every split, so in place is safe). It runs on every SM, so the epilogue does
-// not land on the few SMs of the Sinkhorn clusters that read C next.
-__global__ __launch_bounds__(256) void cost_reduce_kernel(GemmArgs a, GemmTable tab) {
+// own position in every split, so in place is safe). Block (r, k) does row r of segment k, so the
+// row's norm is summed once and a thread reads float4s of every split. It runs on every SM, so
+// the epilogue does not land on the few SMs of the Sinkhorn clusters that read C next.
+constexpr int kReduceThreads = 128;
+__global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a, GemmTable tab) {
   const GemmSeg& sg = tab.seg[blockIdx.y];
-  const int64_t total = int64_t(sg.rows) * sg.cols;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int r = int(e / sg.cols), c = int(e - int64_t(r) * sg.cols);
-    float dot = 0.0f, ss = 0.0f, st = 0.0f;
-    for (int q = 0; q < a.splits; ++q) {
-      dot += a.C[q * a.part_stride + sg.c_off + e];
-      ss += a.sq_s[q * a.sq_stride + sg.sq_off + r];
-      st += a.sq_t[q * a.sq_stride + sg.sq_off + c];
+  const int r = int(blockIdx.x);
+  if (r >= sg.rows) return;
+  float ss = 0.0f;
+  for (int q = 0; q < a.splits; ++q) ss += a.sq_s[q * a.sq_stride + sg.sq_off + r];
+  const float inv_r = inv_norm(ss);
+  float* Cr = a.C + sg.c_off + int64_t(r) * sg.cols;
+  const float* Tq = a.sq_t + sg.sq_off;
+  const bool vec = sg.cols % 4 == 0 && reinterpret_cast<uintptr_t>(Cr) % 16 == 0 && a.part_stride % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(Tq) % 16 == 0 && a.sq_stride % 4 == 0;
+  if (vec) {
+    for (int c4 = threadIdx.x; c4 < sg.cols / 4; c4 += kReduceThreads) {
+      float4 dot = make_float4(0.0f, 0.0f, 0.0f, 0.0f), st = dot;
+      for (int q = 0; q < a.splits; ++q) {
+        const float4 d = reinterpret_cast<const float4*>(Cr + q * a.part_stride)[c4];
+        const float4 t = reinterpret_cast<const float4*>(Tq + q * a.sq_stride)[c4];
+        dot.x += d.x, dot.y += d.y, dot.z += d.z, dot.w += d.w;
+        st.x += t.x, st.y += t.y, st.z += t.z, st.w += t.w;
+      }
+      const int c = 4 * c4;
+      reinterpret_cast<float4*>(Cr)[c4] = make_float4(cost_value(a, sg, r, c, dot.x, inv_r * inv_norm(st.x)),
+                                                      cost_value(a, sg, r, c + 1, dot.y, inv_r * inv_norm(st.y)),
+                                                      cost_value(a, sg, r, c + 2, dot.z, inv_r * inv_norm(st.z)),
+                                                      cost_value(a, sg, r, c + 3, dot.w, inv_r * inv_norm(st.w)));
     }
-    a.C[sg.c_off + e] = cost_value(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
+  } else {
+    for (int c = threadIdx.x; c < sg.cols; c += kReduceThreads) {
+      float dot = 0.0f, st = 0.0f;
+      for (int q = 0; q < a.splits; ++q) {
+        dot += Cr[q * a.part_stride + c];
+        st += Tq[q * a.sq_stride + c];
+      }
+      Cr[c] = cost_value(a, sg, r, c, dot, inv_r * inv_norm(st));
+    }
   }
 }
 
@@ -604,26 +629,45 @@ __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTabl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hopper wgmma GEMM configs (kernel in cost_wgmma.cuh, sm_90a only). Block tile 128 x BN, BK = 64,
-// 2 consumer warpgroups (64 rows each) + 1 TMA producer warpgroup = 384 threads, 1 block per SM
-// (launch bounds: 168 registers a thread; setmaxnreg moves the producer warpgroup to PREGS and the
-// consumers to CREGS: 128 * 40 + 256 * 232 = 65536 - 1024). Stages: WgWide 4 x 48 KB, WgMid
-// 5 x 40 KB, WgSq 6 x 32 KB (finer wave granularity; at 2 blocks per SM the launch bounds would
-// leave 80 registers, too few for the accumulators). SMEM: the stages, + 1024 (the kernel aligns
-// its base to the swizzle atom), + the full / empty mbarrier pairs.
+// Hopper wgmma GEMM configs (kernel in cost_wgmma.cuh, sm_90a only). Block tile BM x BN with
+// BM = 64 NCW, BK = 64: NCW consumer warpgroups (64 rows each) + 1 TMA producer warpgroup,
+// 128 (NCW + 1) threads, 1 block per SM. Registers: the launch bounds give every thread 65536 / NT
+// (in steps of 8): 168 at NCW = 2, 128 at NCW = 3. The consumers need more (BN / 2 accumulators),
+// so the producer warpgroup drops to PREGS with setmaxnreg and the consumers take what it frees:
+// 128 * 40 + 256 * 232 = 384 * 168, 128 * 32 + 384 * 160 = 512 * 128. (A lone producer warp
+// would not save that: each SM sub-partition holds a quarter of the register file and every
+// fourth warp, so ptxas caps 13 warps at 128 registers like 16, and 9 at 168 like 12.)
+// SMEM: the stages, + 1024 (the kernel aligns its base to the swizzle atom), + the full / empty
+// mbarrier pairs.
+// * WgWide 128 x 256, 4 x 48 KB stages: the most reuse per loaded byte with 2 warpgroups; big
+//   problems ((c): 3072 x 16384, d = 3584).
+// * WgMid 128 x 192, 5 x 40 KB: n = 576 = 3 x 192 columns.
+// * WgSq 128 x 128, 6 x 32 KB: finer wave granularity (at 2 blocks per SM the launch bounds
+//   would leave 80 registers, too few for the accumulators).
+// * WgBigSq 192 x 192 (3 consumer warpgroups), 4 x 48 KB (5 would not fit): big batches of
+//   n = 576 segments and big segments. The kernel is bound by its tile loads, not its MMAs (ncu
+//   at 64 x 576^2, d = 4096, 128 x 192: L2 85 %, SM 47 %; see tc_model): a 576 x 576 segment is
+//   15 tiles of 128 x 192 reading 15 x 320 tile rows of d, with 576 rows padded to 640, against 9
+//   tiles of 192 x 192 reading 9 x 384 (-28 %) with no padding (also exact at n = 2880 = 15 x 192).
+//   H100 (gemm_check): 64 x 576^2 412 us against 458 for 128 x 192, n = 2880 166 against 199; but
+//   B = 16 (144 tiles for 132 SMs) 158 against 121, so the model chooses. 192 x 256 would need 128
+//   accumulators of the consumers' 160 registers.
 // ---------------------------------------------------------------------------------------------
 
-template <int BN_, int STAGES_>
+template <int BN_, int STAGES_, int NCW_>
 struct WgCfg {
-  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_, MINB = 1;
-  static constexpr int NCT = 256, NT = NCT + 128;  // consumer threads; + the producer warpgroup
-  static constexpr int PREGS = 40, CREGS = 232;    // setmaxnreg targets: producer, consumers
+  static constexpr int NCW = NCW_;  // consumer warpgroups
+  static constexpr int BM = 64 * NCW, BN = BN_, BK = 64, STAGES = STAGES_, MINB = 1;
+  static constexpr int NCT = 128 * NCW, NT = NCT + 128;  // consumer threads; + the producer warpgroup
+  static constexpr int PREGS = NCW == 2 ? 40 : 32;       // setmaxnreg targets: producer, consumers
+  static constexpr int CREGS = NCW == 2 ? 232 : 160;
   static constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
   static constexpr size_t SMEM = size_t(STAGES) * STAGE_BYTES + 1024 + size_t(2 * STAGES) * 8;
 };
-using WgWide = WgCfg<256, 4>;
-using WgMid = WgCfg<192, 5>;
-using WgSq = WgCfg<128, 6>;
+using WgWide = WgCfg<256, 4, 2>;
+using WgMid = WgCfg<192, 5, 2>;
+using WgSq = WgCfg<128, 6, 2>;
+using WgBigSq = WgCfg<192, 4, 3>;
 
 template <typename T, class Cfg, bool PARTIAL>
 inline cudaError_t launch_cost_gemm_wg_cfg(const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
@@ -658,23 +702,30 @@ inline bool wg_available() {
 // peak (4096 FLOP / clk / SM on H100) a config reaches when the SM is full. mma.sync values are
 // fitted to H100 timings of csrc/tests/gemm_check.cu (B = 16 / 64 n = 576 d = 4096, 3072 x 16384
 // d = 3584): 128 x 256 ~0.35, 128 x 128 ~0.30, 64 x 64 ~0.25, 128 x 192 ~0.245 (its 6 warps leave
-// the SM short of warps). wgmma values (TMA + mbarrier pipeline) are estimates until measured the
-// same way.
+// the SM short of warps). ld: bytes per SM clock at which one block's tile loads stream (0: not
+// modelled). The wgmma kernel's blocks load ~21 B / clk in every H100 timing of gemm_check
+// (B = 1 to 64 at n = 576, n = 2880, 3072 x 16384; whether 9 SMs are busy or all 132; 21 x 132 x
+// 1.98 GHz is also the ~5.5 TB/s the L2 delivers), and their MMAs would take less time: a block
+// takes time in proportion to bm + bn for bm bn of work, hence 192 x 192. Their eff values are
+// estimates that no timing has tested. mma.sync: shared-memory traffic binds first, and their eff
+// values were fitted without a load term.
 struct TcModel {
   int bm, bn, occ;  // occ: blocks per SM the config is sized for
-  double eff;
+  double eff, ld;
 };
 // Model indices: [0, kTcConfigs) mma.sync (TcWide, TcMid, TcSq, TcSmall), then kWgConfigs wgmma
-// (WgWide, WgMid, WgSq).
-constexpr int kTcConfigs = 4, kWgConfigs = 3;
+// (WgWide, WgMid, WgSq, WgBigSq).
+constexpr int kTcConfigs = 4, kWgConfigs = 4;
 inline TcModel tc_model(int i) {
-  constexpr TcModel m[kTcConfigs + kWgConfigs] = {{TcWide::BM, TcWide::BN, TcWide::MINB, 0.35},
-                                                  {TcMid::BM, TcMid::BN, TcMid::MINB, 0.245},
-                                                  {TcSq::BM, TcSq::BN, TcSq::MINB, 0.30},
-                                                  {TcSmall::BM, TcSmall::BN, TcSmall::MINB, 0.25},
-                                                  {WgWide::BM, WgWide::BN, WgWide::MINB, 0.80},
-                                                  {WgMid::BM, WgMid::BN, WgMid::MINB, 0.77},
-                                                  {WgSq::BM, WgSq::BN, WgSq::MINB, 0.70}};
+  constexpr double kWgLd = 21.0;
+  constexpr TcModel m[kTcConfigs + kWgConfigs] = {{TcWide::BM, TcWide::BN, TcWide::MINB, 0.35, 0.0},
+                                                  {TcMid::BM, TcMid::BN, TcMid::MINB, 0.245, 0.0},
+                                                  {TcSq::BM, TcSq::BN, TcSq::MINB, 0.30, 0.0},
+                                                  {TcSmall::BM, TcSmall::BN, TcSmall::MINB, 0.25, 0.0},
+                                                  {WgWide::BM, WgWide::BN, WgWide::MINB, 0.80, kWgLd},
+                                                  {WgMid::BM, WgMid::BN, WgMid::MINB, 0.77, kWgLd},
+                                                  {WgSq::BM, WgSq::BN, WgSq::MINB, 0.70, kWgLd},
+                                                  {WgBigSq::BM, WgBigSq::BN, WgBigSq::MINB, 0.80, kWgLd}};
   return m[i];
 }
 
@@ -684,15 +735,18 @@ inline double tc_model_cost(const TcModel& m, int cnt, int rows, int cols, long 
   const long long ktiles = d > 0 ? (d + 63) / 64 : 1;
   const long long per = (ktiles + splits - 1) / splits;
   const long long blocks = tiles * splits, sms = sm_count > 0 ? sm_count : 1;
-  const double main = double(m.bm) * m.bn * double(per * 64) * 2.0 / (4096.0 * m.eff);
+  const double mma = double(m.bm) * m.bn * double(per * 64) * 2.0 / (4096.0 * m.eff);
+  const double load = m.ld > 0.0 ? double(m.bm + m.bn) * double(per * 64) * 2.0 / m.ld : 0.0;
   // Epilogue: partial tiles are plain fp32 stores (~48 B / clk / SM); the cost formula is ~20
   // instructions per element at 128 lanes / clk. Pipeline fill ~1500 clk, overlapped by
   // co-resident blocks.
   const double epi = double(m.bm) * m.bn * (partial ? 4.0 / 48.0 : 20.0 / 128.0);
   const double fill = 1500.0 / m.occ;
-  double t = double((blocks + sms - 1) / sms) * (main + epi + fill);
-  // Each extra split is another rows x cols fp32 partial written here and read by the consumer.
-  if (partial) t += double(splits - 1) * cnt * double(rows) * cols * 8.0 / (64.0 * sms);
+  double t = double((blocks + sms - 1) / sms) * (std::max(mma, load) + epi + fill);
+  // Each extra split is another rows x cols fp32 partial written here and read by the consumer,
+  // 8 B an element at ~8 B / clk / SM (~2 TB/s, memory speed; H100: +10 us a split at B = 16,
+  // n = 576).
+  if (partial) t += double(splits - 1) * cnt * double(rows) * cols * 8.0 / (8.0 * sms);
   return t;
 }
 
@@ -777,8 +831,8 @@ inline cudaError_t launch_cost_gemm_tc_cfg(const GemmArgs& a, const GemmTable& t
 // Launches the 16-bit tensor-core GEMM over `cnt` segments (tab.seg[0..cnt)), grid sized from the
 // largest rows/cols; with PARTIAL the split count is a.splits (>= 1). Picks the kernel (wgmma for
 // inputs its tensor maps take (wg_tma_ok) where wg_available(), else mma.sync) and its tile config.
-// Launches tile config `cfg`: 0-3 mma.sync (TcWide, TcMid, TcSq, TcSmall), 4-6 wgmma (WgWide,
-// WgMid, WgSq; sm_90a builds only, and only for inputs wg_tma_ok accepts).
+// Launches tile config `cfg`: 0-3 mma.sync (TcWide, TcMid, TcSq, TcSmall), 4-7 wgmma (WgWide,
+// WgMid, WgSq, WgBigSq; sm_90a builds only, and only for inputs wg_tma_ok accepts).
 template <typename T, bool PARTIAL>
 inline cudaError_t launch_cost_gemm_config(int cfg, const GemmArgs& a, const GemmTable& tab, int cnt, int max_rows,
                                            int max_cols, bool vec, cudaStream_t st) {
@@ -791,6 +845,7 @@ inline cudaError_t launch_cost_gemm_config(int cfg, const GemmArgs& a, const Gem
     case 4: return launch_cost_gemm_wg_cfg<T, WgWide, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
     case 5: return launch_cost_gemm_wg_cfg<T, WgMid, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
     case 6: return launch_cost_gemm_wg_cfg<T, WgSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
+    case 7: return launch_cost_gemm_wg_cfg<T, WgBigSq, PARTIAL>(a, tab, cnt, max_rows, max_cols, st);
 #endif
     default: return cudaErrorInvalidValue;
   }

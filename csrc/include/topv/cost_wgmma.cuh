@@ -4,17 +4,19 @@
 // launcher there picks on compute capability 9.0 when the build has sm_90a code (TOPV_HAS_SM90A).
 // Everything else goes to the mma.sync kernel.
 //
-// * Block tile 128 x BN (BN = 128 / 192 / 256), BK = 64, 384 threads: warps 0-7 are 2 consumer
-//   warpgroups (warpgroup g computes rows 64g..64g+63 against all BN columns with wgmma m64nBNk16,
-//   both operands from shared memory, fp32 accumulators in registers, BN / 2 per thread); warps
-//   8-11 are the producer warpgroup, which hands its registers to the consumers (setmaxnreg) and
-//   of which one lane issues the TMA copies.
+// * Block tile BM x BN (BM = 64 NCW with NCW = 2 or 3 consumer warpgroups; BN = 128 / 192 / 256),
+//   BK = 64, 128 (NCW + 1) threads: warps 0 .. 4 NCW - 1 are the consumer warpgroups (warpgroup g
+//   computes rows 64g..64g+63 against all BN columns with wgmma m64nBNk16, both operands from
+//   shared memory, fp32 accumulators in registers, BN / 2 per thread); the last 4 warps are the
+//   producer warpgroup, which hands its registers to the consumers (setmaxnreg, see WgCfg) and of
+//   which one lane issues the TMA copies.
 // * Loads: one 2D tensor map per operand (S: rows x d, T: cols x d, box 64 x BM / 64 x BN,
 //   128-byte swizzle, zero fill out of bounds), encoded on the host for every launch. A segment's
 //   first row is its row coordinate (s_off / lds); a tile's rows past the segment read the next
 //   segment's rows (never stored, their norms never written), rows past the tensor and k past d
 //   read zeros. The swizzled box is exactly the K-major 128-byte-swizzle layout wgmma reads
-//   (1024-byte-aligned stage bases, 8-row atoms of 1024 B).
+//   (1024-byte-aligned stage bases, 8-row atoms of 1024 B: every warpgroup's 64 A rows and the B
+//   rows after the BM A rows start on an atom).
 // * Pipeline: STAGES stages, each with a full barrier (1 arrival + the transaction bytes of both
 //   boxes) and an empty barrier (one arrival per consumer warp). The producer waits a stage's
 //   empty barrier, arms its full barrier with the stage's bytes and issues the two copies. The
@@ -23,9 +25,11 @@
 //   previous stage (its group has finished reading it, and so have this warp's squares). No
 //   block-wide barrier in the main loop.
 // * Row norms: consumer thread t of warpgroup g squares 16-byte chunk t & 7 (in stored, swizzled
-//   order: only the row matters) of A rows 64g + (t >> 3) + 16i and B rows BN/2 g + (t >> 3) + 16i;
-//   8 lanes share a row, a shuffle reduction at the end. In PARTIAL mode only the blocks that write
-//   sums of squares (tile column 0 for rows, tile row 0 for columns) square.
+//   order: only the row matters) of its own A rows 64g + (t >> 3) + 16i and of B rows
+//   BN/NCW g + (t >> 3) + 16i (the shared B rows split evenly, so every warp squares as much
+//   between its wgmma issue and wait); 8 lanes share a row, a shuffle reduction at the end. In
+//   PARTIAL mode only the blocks that write sums of squares (tile column 0 for rows, tile row 0
+//   for columns) square.
 #pragma once
 
 #include <cuda.h>
@@ -61,25 +65,7 @@ __device__ __forceinline__ void wg_fence_acc(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// mbarrier and TMA (all CTA-local: no clusters).
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Spins until the phase of parity `parity` has completed (parity 1 on a fresh barrier: at once).
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nTOPV_MBAR_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra TOPV_MBAR_WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
+// TMA (the mbarrier helpers are in common.cuh).
 // Box at (c0 = k element, c1 = row) of `map` into shared memory at dst, completing on bar.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
@@ -91,8 +77,12 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
-// Named barrier 1 over the 256 consumer threads (the producer warpgroup has left by then).
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+// Named barrier 1 over the NCT consumer threads (the producer warpgroup has left by then).
+template <int NCT>
+__device__ __forceinline__ void consumer_sync() {
+  static_assert(NCT % 32 == 0, "bar.sync counts whole warps");
+  asm volatile("bar.sync 1, %0;\n" ::"n"(NCT) : "memory");
+}
 
 // d += A (64 x 16, descriptor da) * B (N x 16, descriptor db)^T. scale-d = 1 (d starts at zero).
 #define TOPV_WGMMA_128(TY) \
@@ -193,21 +183,25 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
                                                                           const __grid_constant__ CUtensorMap tm_s,
                                                                           const __grid_constant__ CUtensorMap tm_t) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NCT = Cfg::NCT;
+  constexpr int NCW = Cfg::NCW, BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NCT = Cfg::NCT;
   constexpr int ROWB = BK * 2;  // bytes per tile row
   constexpr int NACC = BN / 2;
-  constexpr int SQA = 64 / 16, SQB = BN / 2 / 16;  // rows a consumer thread squares per stage: A, B
-  static_assert(sizeof(T) == 2 && NCT == 256 && Cfg::NT == NCT + 128 && BM == 128 && BK == 64,
-                "two m64 consumer warpgroups + a producer warpgroup, 16-bit inputs, 128-byte tile rows");
+  constexpr int BW = BN / NCW;                 // B rows a warpgroup squares
+  constexpr int SQA = 64 / 16, SQB = BW / 16;  // rows a consumer thread squares per stage: A, B
+  static_assert(sizeof(T) == 2 && BK == 64, "16-bit inputs, 128-byte tile rows (one swizzle span)");
+  static_assert((NCW == 2 || NCW == 3) && BM == 64 * NCW && NCT == 128 * NCW && Cfg::NT == NCT + 128,
+                "NCW m64 consumer warpgroups + a producer warpgroup");
   // setmaxnreg: what the producer warpgroup gives back covers what the consumers take, within the
   // registers the launch bounds give every thread (65536 / NT, in steps of 8).
   constexpr int LREGS = 65536 / (Cfg::NT * Cfg::MINB) / 8 * 8;
   static_assert(Cfg::PREGS % 8 == 0 && Cfg::CREGS % 8 == 0 && Cfg::PREGS >= 24 && Cfg::CREGS <= 256 &&
                     Cfg::PREGS <= LREGS && (Cfg::CREGS - LREGS) * NCT <= (LREGS - Cfg::PREGS) * 128,
                 "setmaxnreg budget");
+  static_assert(BM <= 256 && BN <= 256, "TMA box rows");
   static_assert(Cfg::SMEM <= 227 * 1024, "dynamic shared memory");
-  static_assert(Cfg::STAGE_BYTES % 1024 == 0 && (BM / 2 * ROWB) % 1024 == 0, "1024-byte-aligned operand bases");
-  static_assert(BN % 32 == 0 && STAGES >= 2, "whole norm passes; pipeline");
+  static_assert(Cfg::STAGE_BYTES % 1024 == 0 && (64 * ROWB) % 1024 == 0,
+                "1024-byte-aligned stage, warpgroup A and B bases (B starts after BM = 64 NCW rows)");
+  static_assert(BN % (16 * NCW) == 0 && STAGES >= 2, "whole norm passes; pipeline");
   static_assert((BM + BN) * 4 <= Cfg::STAGE_BYTES * STAGES, "norm scratch fits in the stages");
   extern __shared__ unsigned char smem_raw[];
   // Swizzle atoms are 1024 B, and the swizzle is a function of the address: align the base.
@@ -241,12 +235,12 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
       mbar_init(full_bar(s), 1u);                   // the producer's arrive.expect_tx (+ the bytes)
       mbar_init(empty_bar(s), uint32_t(NCT / 32));  // one arrival per consumer warp
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
+    mbar_init_fence();
   }
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves after its loop
 
-  // ---- producer warpgroup (warps 8-11): gives registers to the consumers; warp 8 lane 0 issues
-  // the copies, the rest leave.
+  // ---- producer warpgroup (the last 4 warps): gives registers to the consumers; its first warp's
+  // lane 0 issues the copies, the rest leave.
   if (warp >= NCT / 32) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::PREGS));
     if (warp == NCT / 32 && lane == 0 && nk > 0) {
@@ -282,10 +276,10 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
 
-  // Norm rows of this thread: A rows 64 wg + (ct >> 3) + 16 i, B rows BN/2 wg + (ct >> 3) + 16 i,
+  // Norm rows of this thread: A rows 64 wg + (ct >> 3) + 16 i, B rows BW wg + (ct >> 3) + 16 i,
   // stored chunk ct & 7 of each (a warp reads 4 whole rows: conflict-free).
   const uint32_t sq_a = uint32_t((wg * 64 + (ct >> 3)) * ROWB + (ct & 7) * 16);
-  const uint32_t sq_b = uint32_t((BM + wg * (BN / 2) + (ct >> 3)) * ROWB + (ct & 7) * 16);
+  const uint32_t sq_b = uint32_t((BM + wg * BW + (ct >> 3)) * ROWB + (ct & 7) * 16);
   float ss[SQA + SQB];
 #pragma unroll
   for (int i = 0; i < SQA + SQB; ++i) ss[i] = 0.0f;
@@ -329,7 +323,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
   }
   wg_wait<0>();
   wg_fence_acc(acc);
-  consumer_sync();  // no wgmma, copy or square touches the stages any more: scratch
+  consumer_sync<NCT>();  // no wgmma, copy or square touches the stages any more: scratch
 
   // ---- norms: the 8 lanes of a row hold different k; lane (ct & 7) == 0 stores the row's sum.
   float* nrm = reinterpret_cast<float*>(smem);  // [BM + BN]
@@ -340,9 +334,9 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
     v += __shfl_xor_sync(0xffffffffu, v, 2);
     v += __shfl_xor_sync(0xffffffffu, v, 4);
     if ((ct & 7) == 0)
-      nrm[i < SQA ? wg * 64 + (ct >> 3) + 16 * i : BM + wg * (BN / 2) + (ct >> 3) + 16 * (i - SQA)] = v;
+      nrm[i < SQA ? wg * 64 + (ct >> 3) + 16 * i : BM + wg * BW + (ct >> 3) + 16 * (i - SQA)] = v;
   }
-  consumer_sync();
+  consumer_sync<NCT>();
   for (int i = tid; i < BM + BN; i += NCT) {
     const float s = nrm[i];
     if constexpr (PARTIAL) {  // rows / columns past the segment (other segments' data) are not stored
@@ -377,7 +371,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
   if constexpr (PARTIAL) {
     store(a.C + split * a.part_stride + sg.c_off, 0, BN / 8);
   } else {
-    consumer_sync();  // inverse norms complete
+    consumer_sync<NCT>();  // inverse norms complete
     // Chunks of JC column groups: cost values first, stores after (with no store in between the
     // compiler shares the position loads, see cost_gemm_tc_kernel), but not for the whole tile at
     // once, which would hold every column's positions next to all accumulators and spill.

@@ -1,8 +1,10 @@
 // Selection on the device, one block per segment (docs/algorithm.md, "Selection"):
-// 1. radix-select (4 passes of 8 bits) the k_top-th largest score key; NaN maps to the lowest key,
-//    so it ranks below every number, and equal keys are taken lowest index first;
+// 1. radix-select (passes of 8 bits below the bits all keys share) the k_top-th largest score key;
+//    NaN maps to the lowest key, so it ranks below every number, and equal keys are taken lowest
+//    index first;
 // 2. one ascending sweep over the indices marks the top set, ranks the rest, picks the uniform
-//    recovery rest[((2j+1) L) // (2 k_rec)] and writes the kept indices in ascending order.
+//    recovery rest[((2j+1) L) // (2 k_rec)] and writes the kept indices in ascending order; the
+//    positions follow from one block-wide prefix count per chunk (two barriers).
 #pragma once
 
 #include "topv/common.cuh"
@@ -30,13 +32,18 @@ __device__ __forceinline__ unsigned score_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive prefix count of `flag` over the block (threads in index order); total in *total.
+// Exclusive prefix sum of `v` over the block (threads in index order); total in *total. The
+// callers pack two counts into v (one per 16 bits), so one barrier pair serves both.
 template <int NT>
-__device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* total) {
+__device__ __forceinline__ int block_excl_sum(int v, int* warp_tot, int* total) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const unsigned ball = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(ball & ((1u << lane) - 1u));
-  if (lane == 0) warp_tot[warp] = __popc(ball);
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += u;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
   __syncthreads();
   int before = 0, all = 0;
   for (int w = 0; w < NT / 32; ++w) {
@@ -46,39 +53,70 @@ __device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* t
   }
   __syncthreads();  // warp_tot is reused by the next call
   *total = all;
-  return before + in_warp;
+  return before + incl - v;
+}
+
+// Recovery picks among the first `rho` rest positions: #{j < k_rec : ((2j+1) L) // (2 k_rec) < rho}
+// = #{j : (2j+1) L < 2 k_rec rho} (floor(x) < rho <=> x < rho for integer rho).
+__device__ __forceinline__ long long rec_before(long long rho, long long L, int k_rec) {
+  const long long x = 2LL * k_rec * rho - L;
+  return x <= 0 ? 0 : min((x + 2 * L - 1) / (2 * L), (long long)k_rec);
 }
 
 // Selection of one segment by the whole block (NT threads); sc points at the segment's n scores
 // (global or shared memory). Also called by the cluster Sinkhorn kernel (sinkhorn_cluster.cuh).
 template <int NT>
 __device__ void select_block(const float* sc, const SelSeg& sg, int64_t* kept) {
-  __shared__ int hist[256];
+  __shared__ int hist[2][256];  // double-buffered: a pass clears the next pass's histogram
   __shared__ int warp_tot[NT / 32];
   __shared__ unsigned s_digit;
-  __shared__ int s_remaining;
+  __shared__ int s_remaining, s_bin;
   const int n = sg.n, k_top = sg.keep - sg.k_rec;
 
-  // 1. Radix select: the key K of the k_top-th largest element and how many elements equal to K
-  //    belong to the top set (need_eq).
-  unsigned prefix = 0, mask = 0;
-  int remaining = k_top;  // rank (1-based) still to find among the elements matching prefix
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += NT) hist[b] = 0;
-    __syncthreads();
+  // 1. Radix select: the prefix P of the k_top-th largest key, and how many keys matching P
+  //    (need_eq, lowest index first) belong to the top set. Digits of 8 bits start at the highest
+  //    bit where the keys differ: a segment's scores share the sign and most of the exponent, and
+  //    a digit that every key shares costs a pass of same-address atomics, which serialise. It
+  //    stops early once every key matching P is wanted (then any key matching P is "equal").
+  __shared__ unsigned red_min[NT / 32], red_max[NT / 32];
+  unsigned kmin = ~0u, kmax = 0u;
+  for (int i = threadIdx.x; i < n; i += NT) {
+    const unsigned u = score_key(sc[i]);
+    kmin = min(kmin, u);
+    kmax = max(kmax, u);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, o));
+    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
+  }
+  if ((threadIdx.x & 31) == 0) red_min[threadIdx.x >> 5] = kmin, red_max[threadIdx.x >> 5] = kmax;
+  for (int b = threadIdx.x; b < 256; b += NT) hist[0][b] = 0;
+  __syncthreads();
+  for (int w = 0; w < NT / 32; ++w) kmin = min(kmin, red_min[w]), kmax = max(kmax, red_max[w]);
+  int hi = (kmin ^ kmax) ? 31 - __clz(int(kmin ^ kmax)) : -1;  // highest differing bit
+  unsigned mask = hi < 0 ? ~0u : ~((2u << hi) - 1u);           // 2u << 31 wraps to 0: mask 0
+  unsigned prefix = kmin & mask;
+  int remaining = k_top;  // rank (1-based) still to find among the keys matching prefix
+  for (int p = 0; hi >= 0; hi -= 8, p ^= 1) {
+    const int lo = max(hi - 7, 0);
+    const unsigned dmask = (2u << (hi - lo)) - 1u;
     for (int i = threadIdx.x; i < n; i += NT) {
       const unsigned u = score_key(sc[i]);
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1);
+      if ((u & mask) == prefix) atomicAdd(&hist[p][(u >> lo) & dmask], 1);
     }
+    for (int b = threadIdx.x; b < 256; b += NT) hist[p ^ 1][b] = 0;
     __syncthreads();
     if (threadIdx.x < 32) {
       // Warp 0 finds the bin holding the wanted rank, scanning from the top: lane l owns bins
       // 255 - 8l down to 248 - 8l; an exclusive scan over lanes gives the count above each lane.
+      // (Every warp scanning for itself, which saves the broadcast and a barrier, measured
+      // slower: 16 warps contend for the same banks.)
       const int lane = threadIdx.x;
       int cnt[8], tot = 0;
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        cnt[q] = hist[255 - 8 * lane - q];
+        cnt[q] = hist[p][255 - 8 * lane - q];
         tot += cnt[q];
       }
       int incl = tot;
@@ -94,6 +132,7 @@ __device__ void select_block(const float* sc, const SelSeg& sg, int64_t* kept) {
           if (above + cnt[q] >= remaining) {
             s_digit = unsigned(255 - 8 * lane - q);
             s_remaining = remaining - above;
+            s_bin = cnt[q];
             break;
           }
           above += cnt[q];
@@ -101,44 +140,38 @@ __device__ void select_block(const float* sc, const SelSeg& sg, int64_t* kept) {
       }
     }
     __syncthreads();
-    prefix |= s_digit << shift;
-    mask |= 255u << shift;
+    prefix |= s_digit << lo;
+    mask |= dmask << lo;
     remaining = s_remaining;
-    __syncthreads();
+    if (s_bin == remaining) break;  // block-uniform; s_* are rewritten only after the next barrier
   }
-  const unsigned K = prefix;
   const int need_eq = remaining;
 
-  // 2. Ascending sweep.
+  // 2. One ascending sweep in chunks of NT. Per index i: gt / eq = key above / matching the
+  //    prefix; top = gt, or eq among the first need_eq eq's. Before i: top_b = gt_b + min(eq_b,
+  //    need_eq) top picks, rest rank rho = i - top_b, and rec_before(rho) recovery picks, so
+  //    the output slot and the recovery test need no further scan.
   const long long L = n - k_top;
-  int run_eq = 0, run_rest = 0, run_out = 0;
+  int run_gt = 0, run_eq = 0;
   for (int base = 0; base < n; base += NT) {
     const int i = base + threadIdx.x;
     const bool valid = i < n;
-    const unsigned u = valid ? score_key(sc[i]) : 0u;
+    const unsigned u = valid ? score_key(sc[i]) & mask : 0u;
+    const bool gt = valid && u > prefix, eq = valid && u == prefix;
     int tot;
-    const bool is_eq = valid && u == K;
-    const int eq_rank = run_eq + block_excl_count<NT>(is_eq, warp_tot, &tot);
-    run_eq += tot;
-    const bool top = valid && (u > K || (is_eq && eq_rank < need_eq));
-    const bool rest = valid && !top;
-    const int rest_rank = run_rest + block_excl_count<NT>(rest, warp_tot, &tot);
-    run_rest += tot;
-    bool rec = false;
-    if (rest && sg.k_rec > 0) {
-      // rest position of recovery j is ((2j+1) L) // (2 k_rec) ~ (j + 1/2) L / k_rec, so the j
-      // that could land on rest_rank is floor(rest_rank k_rec / L) or a neighbour.
-      const long long c = (long long)rest_rank * sg.k_rec / L;
-      for (long long jj = c - 1; jj <= c + 1; ++jj)
-        if (jj >= 0 && jj < sg.k_rec && ((2 * jj + 1) * L) / (2LL * sg.k_rec) == rest_rank) rec = true;
-    }
-    const bool keep = top || rec;
-    const int slot = run_out + block_excl_count<NT>(keep, warp_tot, &tot);
-    run_out += tot;
-    if (keep) kept[sg.out_off + slot] = sg.index_base + i;
+    const int packed = block_excl_sum<NT>(int(gt) | int(eq) << 16, warp_tot, &tot);
+    const int gt_b = run_gt + (packed & 0xffff), eq_b = run_eq + (packed >> 16);
+    run_gt += tot & 0xffff;
+    run_eq += tot >> 16;
+    if (!valid) continue;
+    const int top_b = gt_b + min(eq_b, need_eq);
+    const bool top = gt || (eq && eq_b < need_eq);
+    const long long rho = i - top_b;
+    const long long rec_b = sg.k_rec > 0 ? rec_before(rho, L, sg.k_rec) : 0;
+    const bool rec = !top && sg.k_rec > 0 && rec_before(rho + 1, L, sg.k_rec) > rec_b;
+    if (top || rec) kept[sg.out_off + top_b + rec_b] = sg.index_base + i;
   }
 }
-
 
 template <int NT>
 __global__ __launch_bounds__(NT) void select_kernel(const float* scores, SelTable tab, int64_t* kept) {

@@ -4,16 +4,27 @@
 // Why: at n = 576 a pass over C is a few µs of work but a launch and a trip through L2/HBM each;
 // the pass kernels need 2 launches per iteration. Here CTA `rank` of a cluster of `cs` keeps its
 // row slab of C (rows [rank R, rank R + R), R = ceil(n / cs)) in shared memory for all passes:
-// * the slab holds K = -C log2(e) / eps and the potentials are kept in the same base-2 units, so
-//   the inner loops are an add, a max and an ex2 (no scaling, no ln/exp conversion per element);
-//   rows are padded to a multiple of 4 with K = -inf so they read as float4;
-// * row pass: one warp per row, f'_i = log2 a_i - LSE2_j(g_j + K_ij) with the max taken first so
-//   the exps are independent (no online-LSE dependency chain); the ratio exp2(f_i - f'_i) gives
-//   the row violation and the score as in sinkhorn.cuh;
-// * column pass: each CTA reduces its slab to per-column (max, sum) partials in its shared
-//   memory; after a cluster barrier CTA `rank` merges the partials of its column slice from every
-//   CTA through distributed shared memory, computes g there and writes it into every CTA's copy
-//   of g; a second barrier publishes it. Two cluster barriers per iteration, no global traffic.
+// * the slab holds C, loaded by bulk copies (TMA), and K = -C log2(e) / eps is formed in the FMA
+//   that adds a potential; the potentials are kept in base-2 units, so the inner loops are an
+//   FMA, an add and an ex2 (no ln/exp conversion per element); rows are padded to a multiple of 4
+//   with C = +inf so they read as float4;
+// * one pass per log-sum-exp, with a shift known before the pass instead of the max: after a
+//   column update g_j = lb_j - LSE2_i(K_ij + f_i), so K_ij + g_j <= lb_max - f_i, and after a row
+//   update K_ij + f'_i <= la_max - g_j. Every term is then <= 1 and the sum is >= the largest
+//   term; only where a row's or a column's total leaves [2^-64, 2^64] (every term far below the
+//   bound, the first row pass on a cost with negative entries, non-finite input) is it redone
+//   with its max.
+//   The first row pass (g = 0) uses the shift 0, exact for costs >= 0 (prune's are);
+// * row pass: each warp works on up to kRowsInFlight rows at once (independent chains, one g
+//   load for all), f'_i = log2 a_i - LSE2_j(g_j + K_ij); the ratio exp2(f_i - f'_i) gives the
+//   row violation and the score as in sinkhorn.cuh;
+// * column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
+//   at n = 576), summed in shared memory into this slab's column sums. With the common shift
+//   these are plain sums, so the merge is a sum: each CTA stores its sums straight into the
+//   shared memory of the CTA that owns the column (slot `rank`, so the owner adds them in a fixed
+//   order); after a cluster barrier the owner sums its columns locally, computes g and writes it
+//   into every CTA's copy of g; a second barrier publishes it. Remote stores only (no round-trip
+//   remote loads), two cluster barriers per iteration, no global traffic;
 // * early exit (tol > 0): every CTA writes its slab's violation into every CTA; each sums them in
 //   the same order, so the whole cluster takes the same decision without another barrier.
 // With `kept`, CTA 0 then selects (select.cuh) from the scores that every CTA pushed into its
@@ -22,6 +33,8 @@
 
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "topv/common.cuh"
 #include "topv/select.cuh"
 
@@ -29,7 +42,9 @@ namespace topv {
 namespace detail {
 
 constexpr int kClusterThreads = 512;
-constexpr int kMaxCluster = 16;  // non-portable cluster size on H100 (8 is portable)
+constexpr int kMaxCluster = 16;    // non-portable cluster size on H100 (8 is portable)
+constexpr int kRowsInFlight = 3;   // rows a warp's row pass works on at once (3: 128 registers, no spills)
+constexpr int kColSplit = 4;       // most row groups per column group in the column pass
 
 struct ClusterSeg {
   long long c_off;       // C(0, 0) of the segment (leading dimension cols), in C or in every split
@@ -56,7 +71,7 @@ struct ClusterArgs {
 
 // Shared-memory floats for a segment of n x m on a cluster of cs CTAs (see the layout below).
 __host__ __device__ constexpr size_t cluster_smem_floats(int n, int m, int cs) {
-  return size_t((n + cs - 1) / cs) * ((m + 3) / 4 * 4) + 3 * size_t((m + 3) / 4 * 4) +
+  return size_t((n + cs - 1) / cs) * ((m + 3) / 4 * 4) + (2 + kColSplit) * size_t((m + 3) / 4 * 4) + kMaxCluster +
          3 * size_t((n + cs - 1) / cs) + kMaxCluster + size_t(n);
 }
 
@@ -74,90 +89,166 @@ __device__ __forceinline__ Lse lse2_merge(Lse a, Lse b) {
   return {m, a.s * exp2f(a.mx - m) + b.s * exp2f(b.mx - m)};
 }
 
+// Whether a sum of exp2(x - shift) taken with an upper bound as the shift is usable: its largest
+// term is >= sum / n >= 2^-78, so the terms that flush to zero (< 2^-126) change it by < 2^-34.
+__device__ __forceinline__ bool shifted_sum_ok(float s) { return s >= 0x1p-64f && s <= 0x1p64f; }
+
+// Max over the n values v[i] * scale by the whole block (uniform result; uses red[0 .. NW]).
+template <int NT>
+__device__ float block_max(const float* v, int n, float scale, float* red) {
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += NT) mx = fmaxf(mx, v[i] * scale);
+  mx = warp_max(mx);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const float w = warp_max(threadIdx.x < NT / 32 ? red[threadIdx.x] : -INFINITY);
+    if (threadIdx.x == 0) red[NT / 32] = w;
+  }
+  __syncthreads();
+  mx = red[NT / 32];
+  __syncthreads();  // red is reused
+  return mx;
+}
+
 // minBlocks 1 lets ptxas use up to 128 registers (left to itself it settles on 64 and spills).
 __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(ClusterArgs a, ClusterTable tab) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  constexpr int NT = kClusterThreads, NW = NT / 32;
+  constexpr int NT = kClusterThreads, NW = NT / 32, RB = kRowsInFlight;
   constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
   cg::cluster_group cluster = cg::this_cluster();
   const int cs = int(cluster.num_blocks()), rank = int(cluster.block_rank());
   const ClusterSeg& sg = tab.seg[blockIdx.y];
-  const int n = sg.rows, m = sg.cols, ldm = (m + 3) / 4 * 4;
+  const int n = sg.rows, m = sg.cols, ldm = (m + 3) / 4 * 4, Q = ldm / 4;
   const int R = (n + cs - 1) / cs, Mc = (m + cs - 1) / cs;
   const int i0 = rank * R, rows_here = max(0, min(n, i0 + R) - i0);
   const int j0 = rank * Mc, j1 = min(m, j0 + Mc);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const float scale = kLog2e / a.eps;  // natural units / eps -> base-2 units
+  const float ns = -kLog2e / a.eps;  // K = ns C: cost in natural units -> -C / eps in base-2 units
 
   extern __shared__ __align__(16) float sm[];
-  float* Ks = sm;                      // R x ldm slab of K
-  float* gv = Ks + size_t(R) * ldm;    // g, every column (ldm: float4 reads)
-  float* cmx = gv + ldm;               // column partials of this slab (read by the whole cluster)
-  float* csm = cmx + ldm;
-  float* fv = csm + ldm;               // f of this slab's rows
+  float* Cs = sm;                      // R x ldm slab of C
+  float* gv = Cs + size_t(R) * ldm;    // g, every column (ldm: float4 reads)
+  float* csum = gv + ldm;              // column sums of this slab (row group 0 of the column pass)
+  float* cpart = csum + ldm;           // row groups 1 .. kColSplit - 1
+  float* cin = cpart + (kColSplit - 1) * size_t(ldm);  // every CTA's sums of this CTA's columns
+  float* fv = cin + ldm + kMaxCluster;  // f of this slab's rows
   float* fn = fv + R;                  // f' of this slab's rows
   float* scl = fn + R;                 // scores of this slab's rows (the last row pass's)
   float* vred = scl + R;               // violation of each CTA's slab
   float* sc_all = vred + kMaxCluster;  // CTA 0: the segment's scores
-  __shared__ float wred[NW];
+  __shared__ float wred[NW + 1];
 
-  // 1. The slab, a warp per row (no index division), 16-byte loads when the rows allow them;
-  //    the row's loads are independent, so several are in flight per lane.
-  {
-    const float* src = a.C + sg.c_off + (long long)i0 * m;
-    const bool vec = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  // Shift bounds: the largest log-marginals (base 2).
+  const float la_max = a.log_a ? block_max<NT>(a.log_a + sg.row_off, n, kLog2e, wred) : -log2f(float(n));
+  const float lb_max = a.log_b ? block_max<NT>(a.log_b + sg.col_off, m, kLog2e, wred) : -log2f(float(m));
+
+  // 1. The slab, as C (every use scales it in an FMA, which costs what the add it replaces did).
+  //    Contiguous rows (m % 4 == 0, 16-byte-aligned source) come in bulk copies (TMA) of up to
+  //    32 KB; else a warp per row, 16-byte loads where possible, +inf in the padding (K = -inf).
+  __shared__ alignas(8) unsigned long long slab_bar;
+  const float* src = a.C + sg.c_off + (long long)i0 * m;
+  const bool bulk = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (bulk) {
+    if (tid == 0) {
+      mbar_init(smem_addr(&slab_bar), 1u);
+      mbar_init_fence();
+    }
+  } else {
     for (int r = warp; r < rows_here; r += NW) {
       const float* row = src + size_t(r) * m;
-      float* dst = Ks + size_t(r) * ldm;
-      if (vec) {
+      float* dst = Cs + size_t(r) * ldm;
 #pragma unroll 4
-        for (int q = lane; q < m / 4; q += 32) {
-          const float4 c = __ldg(reinterpret_cast<const float4*>(row) + q);
-          reinterpret_cast<float4*>(dst)[q] = make_float4(-scale * c.x, -scale * c.y, -scale * c.z, -scale * c.w);
-        }
-      } else {
-#pragma unroll 4
-        for (int j = lane; j < m; j += 32) dst[j] = -scale * __ldg(row + j);
-      }
-      for (int j = m + lane; j < ldm; j += 32) dst[j] = -INFINITY;
+      for (int j = lane; j < m; j += 32) dst[j] = __ldg(row + j);
+      for (int j = m + lane; j < ldm; j += 32) dst[j] = INFINITY;
     }
   }
   for (int j = tid; j < ldm; j += NT) gv[j] = 0.0f;
   for (int r = tid; r < rows_here; r += NT) fv[r] = 0.0f;
   __syncthreads();
+  if (bulk) {
+    const uint32_t bar = smem_addr(&slab_bar), bytes = uint32_t(rows_here) * uint32_t(m) * 4u;
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar, bytes);
+      for (uint32_t o = 0; o < bytes; o += 32768u)
+        bulk_load(smem_addr(Cs) + o, reinterpret_cast<const char*>(src) + o, min(32768u, bytes - o), bar);
+    }
+    mbar_wait(bar, 0u);
+  }
 
   // 2. The passes. Every remote access lies between two cluster barriers that all CTAs reach.
   const float la_u = -log2f(float(n)), lb_u = -log2f(float(m));
   const int last = a.score ? a.n_iters + 1 : a.n_iters;
   const float4* g4 = reinterpret_cast<const float4*>(gv);
+  // LSE2_j (K_rj + g_j) of slab row r with the max taken first: where the shifted sum misses.
+  auto row_lse_exact = [&](int r) {
+    const float4* c4 = reinterpret_cast<const float4*>(Cs + size_t(r) * ldm);
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+    for (int q = lane; q < Q; q += 32) {
+      const float4 c = c4[q], g = g4[q];
+      mx0 = fmaxf(mx0, fmaxf(fmaf(c.x, ns, g.x), fmaf(c.y, ns, g.y)));
+      mx1 = fmaxf(mx1, fmaxf(fmaf(c.z, ns, g.z), fmaf(c.w, ns, g.w)));
+    }
+    const float mx = warp_max(fmaxf(mx0, mx1));
+    float s = 0.0f;
+    for (int q = lane; q < Q; q += 32) {
+      const float4 c = c4[q], g = g4[q];
+      s += exp2f(fmaf(c.x, ns, g.x) - mx) + exp2f(fmaf(c.y, ns, g.y) - mx) + exp2f(fmaf(c.z, ns, g.z) - mx) +
+           exp2f(fmaf(c.w, ns, g.w) - mx);
+    }
+    return mx + log2f(warp_sum(s));
+  };
+  // Column pass layout: H row groups of threads over the Q float4 column groups.
+  const int H = max(1, min(kColSplit, NT / Q));
+  // g layout: L lanes per column (a power of 2 dividing cs) so a CTA's columns take one round.
+  int L = cs;
+  while (L > 1 && (Mc * L > NT)) L >>= 1;
   for (int t = 1; t <= last; ++t) {
     float vloc = 0.0f;
-    for (int r = warp; r < rows_here; r += NW) {
-      const float4* k4 = reinterpret_cast<const float4*>(Ks + size_t(r) * ldm);
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll 4
-      for (int q = lane; q < ldm / 4; q += 32) {
-        const float4 k = k4[q], g = g4[q];
-        mx0 = fmaxf(mx0, fmaxf(k.x + g.x, k.y + g.y));
-        mx1 = fmaxf(mx1, fmaxf(k.z + g.z, k.w + g.w));
+    // Rows r0, r0 + NW, ... (NR of them, a compile-time count so no lane works on a copy).
+    auto row_pass = [&](auto nr, int r0) {
+      constexpr int NR = decltype(nr)::value;
+      float sh[NR], s[NR];
+      const float4* cr[NR];
+#pragma unroll
+      for (int u = 0; u < NR; ++u) {
+        const int r = r0 + u * NW;
+        cr[u] = reinterpret_cast<const float4*>(Cs + size_t(r) * ldm);
+        sh[u] = t >= 2 ? lb_max - fv[r] : 0.0f;
+        s[u] = 0.0f;
       }
-      const float mx = warp_max(fmaxf(mx0, mx1));
-      float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll 4
-      for (int q = lane; q < ldm / 4; q += 32) {
-        const float4 k = k4[q], g = g4[q];
-        s0 += exp2f(k.x + g.x - mx) + exp2f(k.y + g.y - mx);
-        s1 += exp2f(k.z + g.z - mx) + exp2f(k.w + g.w - mx);
+#pragma unroll 2
+      for (int q = lane; q < Q; q += 32) {
+        const float4 g = g4[q];
+#pragma unroll
+        for (int u = 0; u < NR; ++u) {
+          const float4 c = cr[u][q];
+          s[u] += exp2f(fmaf(c.x, ns, g.x) - sh[u]) + exp2f(fmaf(c.y, ns, g.y) - sh[u]) +
+                  exp2f(fmaf(c.z, ns, g.z) - sh[u]) + exp2f(fmaf(c.w, ns, g.w) - sh[u]);
+        }
       }
-      const float lse = mx + log2f(warp_sum(s0 + s1));
-      const int i = i0 + r;
-      const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
-      const float ratio = exp2f(fv[r] - la + lse);
-      vloc += exp2f(la) * fabsf(ratio - 1.0f);
-      if (lane == 0) {
-        fn[r] = la - lse;
-        scl[r] = float(n) * exp2f(la) * ratio;
+#pragma unroll
+      for (int u = 0; u < NR; ++u) s[u] = warp_sum(s[u]);
+#pragma unroll
+      for (int u = 0; u < NR; ++u) {
+        const int r = r0 + u * NW, i = i0 + r;
+        const float lse = shifted_sum_ok(s[u]) ? sh[u] + log2f(s[u]) : row_lse_exact(r);  // warp-uniform
+        const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
+        const float ratio = exp2f(fv[r] - la + lse);
+        vloc += exp2f(la) * fabsf(ratio - 1.0f);
+        if (lane == 0) {
+          fn[r] = la - lse;
+          scl[r] = float(n) * exp2f(la) * ratio;
+        }
+      }
+    };
+    for (int r0 = warp; r0 < rows_here; r0 += NW * RB) {
+      static_assert(RB == 3, "one case per row count");
+      switch (min(RB, (rows_here - r0 + NW - 1) / NW)) {
+        case 3: row_pass(std::integral_constant<int, 3>{}, r0); break;
+        case 2: row_pass(std::integral_constant<int, 2>{}, r0); break;
+        default: row_pass(std::integral_constant<int, 1>{}, r0); break;
       }
     }
     if (t > a.n_iters) break;  // prune's scoring pass has no column half
@@ -172,50 +263,82 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       }
     }
     __syncthreads();  // fn is complete
-    // Column partials, two adjacent columns per thread (float2 reads); an empty slab gives
-    // (-inf, 0), which the merge skips. Padding columns give NaN and are never merged.
-    for (int c2 = tid; c2 < ldm / 2; c2 += NT) {
-      const float2* k2 = reinterpret_cast<const float2*>(Ks) + c2;
-      float mxa = -INFINITY, mxb = -INFINITY;
+    // Column sums with the shift la_max - g_j, row group h of column group c4 taking rows
+    // h, h + H, ...; group 0 writes csum, the others cpart.
+    for (int e = tid; e < Q * H; e += NT) {
+      const int c4 = e % Q, h = e / Q;
+      const float4 g = g4[c4];
+      const float4 sh = make_float4(la_max - g.x, la_max - g.y, la_max - g.z, la_max - g.w);
+      const float4* col = reinterpret_cast<const float4*>(Cs) + c4;
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-      for (int r = 0; r < rows_here; ++r) {
-        const float2 k = k2[size_t(r) * (ldm / 2)];
-        mxa = fmaxf(mxa, k.x + fn[r]);
-        mxb = fmaxf(mxb, k.y + fn[r]);
+      for (int r = h; r < rows_here; r += H) {
+        const float4 c = col[size_t(r) * Q];
+        const float f = fn[r];
+        s.x += exp2f(fmaf(c.x, ns, f) - sh.x);
+        s.y += exp2f(fmaf(c.y, ns, f) - sh.y);
+        s.z += exp2f(fmaf(c.z, ns, f) - sh.z);
+        s.w += exp2f(fmaf(c.w, ns, f) - sh.w);
       }
-      float sa = 0.0f, sb = 0.0f;
-#pragma unroll 4
-      for (int r = 0; r < rows_here; ++r) {
-        const float2 k = k2[size_t(r) * (ldm / 2)];
-        sa += exp2f(k.x + fn[r] - mxa);
-        sb += exp2f(k.y + fn[r] - mxb);
-      }
-      cmx[2 * c2] = mxa;
-      cmx[2 * c2 + 1] = mxb;
-      csm[2 * c2] = sa;
-      csm[2 * c2 + 1] = sb;
+      reinterpret_cast<float4*>(h == 0 ? csum : cpart + (h - 1) * size_t(ldm))[c4] = s;
     }
-    cluster.sync();  // partials and violations visible cluster-wide
+    __syncthreads();
+    // This slab's sum of each column goes to the CTA that owns the column, into slot `rank`.
+    // Padding columns are never sent.
+    for (int j = tid; j < m; j += NT) {
+      float s = csum[j];
+      for (int h = 1; h < H; ++h) s += cpart[(h - 1) * size_t(ldm) + j];
+      const int o = j / Mc;
+      *cluster.map_shared_rank(cin + rank * Mc + (j - o * Mc), o) = s;
+    }
+    cluster.sync();  // column sums and violations visible cluster-wide
     if (check) {
       float v = 0.0f;
       for (int q = 0; q < cs; ++q) v += vred[q];
       if (v < a.tol) break;  // the plan (f, g) is kept, and its scores are already written
     }
-    // Merge: cs adjacent lanes per column, lane q reading CTA q's partial, so the remote loads
-    // and the remote stores of g all run in parallel; cs divides 32.
-    for (int base = j0; base < j1; base += NT / cs) {
-      const int j = base + tid / cs, q = tid % cs;
-      const bool ok = j < j1;
-      Lse st = ok ? Lse{*cluster.map_shared_rank(cmx + j, q), *cluster.map_shared_rank(csm + j, q)} : lse_empty();
+    // g of this CTA's columns: L adjacent lanes per column sum the cs slabs' sums in a fixed
+    // order (so the result does not depend on timing), and the lane that summed CTA q's sum
+    // writes g into CTA q. L divides 32. A total outside the shifted range is recomputed
+    // exactly from every CTA's slab (a rare path; all lanes of the warp take it together).
+    for (int base = j0; base < j1; base += NT / L) {
+      const int j = base + tid / L, l = tid % L;
+      const bool here = j < j1;
+      float tot = 0.0f;
+      if (here)
+        for (int q = l; q < cs; q += L) tot += cin[q * Mc + (j - j0)];
 #pragma unroll
       for (int o = 1; o < kMaxCluster; o <<= 1) {
-        if (o >= cs) break;
-        const Lse w{__shfl_xor_sync(0xffffffffu, st.mx, o), __shfl_xor_sync(0xffffffffu, st.s, o)};
-        st = lse2_merge(st, w);
+        if (o >= L) break;
+        tot += __shfl_xor_sync(0xffffffffu, tot, o);
       }
-      if (ok) {
+      float lse = la_max - (here ? gv[j] : 0.0f) + log2f(tot);
+      const bool exact = here && !shifted_sum_ok(tot);
+      if (__any_sync(0xffffffffu, exact)) {
+        Lse st = lse_empty();
+        if (exact)
+          for (int q = l; q < cs; q += L) {
+            const float* Cq = cluster.map_shared_rank(Cs, q);
+            const float* fq = cluster.map_shared_rank(fn, q);
+            const int rq = max(0, min(n, (q + 1) * R) - q * R);
+            float mx = -INFINITY, sq = 0.0f;
+            for (int r = 0; r < rq; ++r) mx = fmaxf(mx, fmaf(Cq[size_t(r) * ldm + j], ns, fq[r]));
+            if (mx != -INFINITY)
+              for (int r = 0; r < rq; ++r) sq += exp2f(fmaf(Cq[size_t(r) * ldm + j], ns, fq[r]) - mx);
+            st = lse2_merge(st, Lse{mx, sq});
+          }
+#pragma unroll
+        for (int o = 1; o < kMaxCluster; o <<= 1) {
+          if (o >= L) break;
+          const Lse w{__shfl_xor_sync(0xffffffffu, st.mx, o), __shfl_xor_sync(0xffffffffu, st.s, o)};
+          st = lse2_merge(st, w);
+        }
+        if (exact) lse = st.mx + log2f(st.s);
+      }
+      if (here) {
         const float lb = a.log_b ? a.log_b[sg.col_off + j] * kLog2e : lb_u;
-        *cluster.map_shared_rank(gv + j, q) = lb - (st.mx + log2f(st.s));
+        const float gj = lb - lse;
+        for (int q = l; q < cs; q += L) *cluster.map_shared_rank(gv + j, q) = gj;
       }
     }
     for (int r = tid; r < rows_here; r += NT) fv[r] = fn[r];
