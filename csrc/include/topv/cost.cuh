@@ -175,14 +175,15 @@ using TcSmall = TcCfg<64, 64, 32, 32, 4, 3>;
 
 constexpr int kTcGroupM = 8;
 
-// The segment, split and tile of this block: grid z = segment * splits + split; tiles are visited
-// in groups of kTcGroupM tile rows side by side, then the next tile column (L2 reuse of a group's
-// A rows when one segment has many tiles).
+// The segment, split, tile and k tiles [kt0, kt0 + nk) of this block: grid z = segment * splits +
+// split, each split taking ceil(ktiles / splits) k tiles; tiles are visited in groups of kTcGroupM
+// tile rows side by side, then the next tile column (L2 reuse of a group's A rows when one segment
+// has many tiles).
 struct GemmTile {
-  int seg, split, tm, tn;
+  int seg, split, tm, tn, kt0, nk;
 };
 
-__device__ __forceinline__ GemmTile gemm_tile(int splits) {
+__device__ __forceinline__ GemmTile gemm_tile(int splits, int ktiles) {
   GemmTile t;
   t.seg = int(blockIdx.z) / splits;
   t.split = int(blockIdx.z) - t.seg * splits;
@@ -192,6 +193,9 @@ __device__ __forceinline__ GemmTile gemm_tile(int splits) {
   const int gsz = min(gy - first, kTcGroupM), in = bid - group * kTcGroupM * gx;
   t.tm = first + in % gsz;
   t.tn = in / gsz;
+  const int per = (ktiles + splits - 1) / splits;
+  t.kt0 = t.split * per;
+  t.nk = max(0, min(per, ktiles - t.kt0));
   return t;
 }
 
@@ -271,8 +275,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
   static_assert(size_t(WARPS_N * BM + WARPS_M * BN + BM + BN) * 4 <= Cfg::SMEM, "epilogue scratch fits");
   extern __shared__ __align__(128) unsigned char smem_raw[];
 
-  const int splits = PARTIAL ? a.splits : 1;
-  const auto [seg, split, tm, tn] = gemm_tile(splits);
+  const auto [seg, split, tm, tn, kt0, nk] = gemm_tile(PARTIAL ? a.splits : 1, int((a.d + BK - 1) / BK));
   const GemmSeg& sg = tab.seg[seg];
   const int row0 = tm * BM, col0 = tn * BN;
   if (row0 >= sg.rows || col0 >= sg.cols) return;
@@ -280,14 +283,6 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-
-  const int ktiles = int((a.d + BK - 1) / BK);
-  int kt0 = 0, nk = ktiles;
-  if (PARTIAL) {
-    const int per = (ktiles + splits - 1) / splits;
-    kt0 = split * per;
-    nk = max(0, min(per, ktiles - kt0));
-  }
 
   // ---- global -> shared: thread t copies chunk t & 7 of tile rows (t >> 3) + i * RPI.
   const T* S = static_cast<const T*>(a.S) + sg.s_off;

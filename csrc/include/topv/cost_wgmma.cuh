@@ -213,21 +213,13 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
   auto full_bar = [&](int s) { return bar0 + 8u * uint32_t(s); };
   auto empty_bar = [&](int s) { return bar0 + 8u * uint32_t(STAGES + s); };
 
-  const int splits = PARTIAL ? a.splits : 1;
-  const auto [seg, split, tm, tn] = gemm_tile(splits);
+  const auto [seg, split, tm, tn, kt0, nk] = gemm_tile(PARTIAL ? a.splits : 1, int((a.d + BK - 1) / BK));
   const GemmSeg& sg = tab.seg[seg];
   const int row0 = tm * BM, col0 = tn * BN;
   if (row0 >= sg.rows || col0 >= sg.cols) return;
   if (a.done && a.done[sg.id]) return;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int ktiles = int((a.d + BK - 1) / BK);
-  int kt0 = 0, nk = ktiles;
-  if (PARTIAL) {
-    const int per = (ktiles + splits - 1) / splits;
-    kt0 = split * per;
-    nk = max(0, min(per, ktiles - kt0));
-  }
 
   if (tid == 0) {
 #pragma unroll
