@@ -140,13 +140,14 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   float* sc_all = vred + kMaxCluster;  // CTA 0: the segment's scores
   __shared__ float wred[NW + 1];
 
-  // Shift bounds: the largest log-marginals (base 2).
-  const float la_max = a.log_a ? block_max<NT>(a.log_a + sg.row_off, n, kLog2e, wred) : -log2f(float(n));
-  const float lb_max = a.log_b ? block_max<NT>(a.log_b + sg.col_off, m, kLog2e, wred) : -log2f(float(m));
+  // Uniform log-marginals and the shift bounds: the largest log-marginals (base 2).
+  const float la_u = -log2f(float(n)), lb_u = -log2f(float(m));
+  const float la_max = a.log_a ? block_max<NT>(a.log_a + sg.row_off, n, kLog2e, wred) : la_u;
+  const float lb_max = a.log_b ? block_max<NT>(a.log_b + sg.col_off, m, kLog2e, wred) : lb_u;
 
   // 1. The slab, as C (every use scales it in an FMA, which costs what the add it replaces did).
   //    Contiguous rows (m % 4 == 0, 16-byte-aligned source) come in bulk copies (TMA) of up to
-  //    32 KB; else a warp per row, 16-byte loads where possible, +inf in the padding (K = -inf).
+  //    32 KB; else a warp per row, +inf in the padding (K = -inf).
   __shared__ alignas(8) unsigned long long slab_bar;
   const float* src = a.C + sg.c_off + (long long)i0 * m;
   const bool bulk = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
@@ -178,7 +179,6 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   }
 
   // 2. The passes. Every remote access lies between two cluster barriers that all CTAs reach.
-  const float la_u = -log2f(float(n)), lb_u = -log2f(float(m));
   const int last = a.score ? a.n_iters + 1 : a.n_iters;
   const float4* g4 = reinterpret_cast<const float4*>(gv);
   // LSE2_j (K_rj + g_j) of slab row r with the max taken first: where the shifted sum misses.
