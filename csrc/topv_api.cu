@@ -215,11 +215,19 @@ ClusterPlan plan_cluster(int64_t nseg, int64_t n, int64_t m, int max_cluster) {
   return best;
 }
 
+// With ca.ready, a programmatic dependent launch: the kernel may start while the GEMM before it
+// runs (see launch_dependents in cost.cuh) and takes each segment once its C is complete, so the
+// clusters fill the SMs that the GEMM's last wave leaves idle.
 cudaError_t launch_cluster(const ClusterArgs& ca, const std::vector<ClusterSeg>& segs, const ClusterPlan& plan,
                            cudaStream_t st) {
   return for_each_table<ClusterTable>(segs, [&](const ClusterTable& tab, int cnt) {
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = cluster_config(dim3(unsigned(plan.cs), unsigned(cnt)), plan.cs, plan.smem, st, &attr);
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t cfg = cluster_config(dim3(unsigned(plan.cs), unsigned(cnt)), plan.cs, plan.smem, st, attr);
+    if (ca.ready) {
+      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[1].val.programmaticStreamSerializationAllowed = 1;
+      cfg.numAttrs = 2;
+    }
     return cudaLaunchKernelEx(&cfg, sinkhorn_cluster_kernel, ca, tab);
   });
 }
@@ -284,6 +292,7 @@ std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
 struct PruneWs {
   float *f, *g, *fnew, *viol, *colmax, *colsum, *C, *sq;
   int* done;
+  int* ready;  // per segment: C elements the GEMM has stored (on-chip groups without split-K)
   size_t bytes;
 };
 
@@ -295,6 +304,7 @@ PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void*
   w.f = cv.take<float>(2 * T);
   w.g = w.f ? w.f + T : nullptr;
   w.done = cv.take<int>(size_t(a.num_segments));
+  w.ready = cv.take<int>(size_t(a.num_segments));
   w.fnew = cv.take<float>(T);
   w.viol = cv.take<float>(T);
   w.colmax = cv.take<float>(T);
@@ -364,10 +374,10 @@ cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace,
     return cudaErrorInvalidValue;
   const ClusterPlan plan = plan_cluster(a.batch, a.n, a.m, p.max_cluster);
   if (plan.cs > 0) {
-    const ClusterArgs ca{a.cost, a.log_a, a.log_b, f, g, nullptr, nullptr, p.eps, p.tol, p.n_iters};
+    const ClusterArgs ca{a.cost, a.log_a, a.log_b, f, g, nullptr, nullptr, nullptr, p.eps, p.tol, p.n_iters};
     std::vector<ClusterSeg> segs(size_t(a.batch));
     for (int64_t b = 0; b < a.batch; ++b)
-      segs[b] = ClusterSeg{b * a.n * a.m, int(a.n), int(a.m), int(b * a.n), int(b * a.m), SelSeg{}};
+      segs[b] = ClusterSeg{b * a.n * a.m, int(a.n), int(a.m), int(b * a.n), int(b * a.m), int(b), SelSeg{}};
     return launch_cluster(ca, segs, plan, st);
   }
   Carver cv{static_cast<char*>(workspace)};
@@ -476,10 +486,16 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
       }
       const std::vector<GemmSeg> gs = gemm_segs(grp);
       std::vector<ClusterSeg> cseg;  // sq_off is the segment's first packed row
-      for (const GemmSeg& g : gs) cseg.push_back(ClusterSeg{g.c_off, g.rows, g.cols, g.sq_off, g.sq_off, sel_seg(g.id)});
+      for (const GemmSeg& g : gs)
+        cseg.push_back(ClusterSeg{g.c_off, g.rows, g.cols, g.sq_off, g.sq_off, g.id, sel_seg(g.id)});
+      // Without split-K the cluster kernel overlaps the GEMM (launch_cluster), ordered by w.ready.
+      if (!partial) {
+        TOPV_TRY(cudaMemsetAsync(w.ready + grp.first, 0, sizeof(int) * size_t(grp.count), st));
+        gp.ready = w.ready;
+      }
       TOPV_TRY(launch_gemm(a.dtype, gp, gs, partial, st));
       if (partial) TOPV_TRY(launch_cost_reduce(gp, gs, st));
-      const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, p.eps, p.tol, p.n_iters};
+      const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, gp.ready, p.eps, p.tol, p.n_iters};
       TOPV_TRY(launch_cluster(ca, cseg, grp.cluster, st));
       continue;
     }

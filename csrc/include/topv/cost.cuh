@@ -92,7 +92,28 @@ struct GemmArgs {
   float* sq_t;
   long long part_stride, sq_stride;
   int splits;
+  // Nullable (not with PARTIAL): ready[id] += the elements a block stored, released at gpu scope
+  // once they are all stored, so a kernel launched with programmatic dependent launch (prune's
+  // on-chip Sinkhorn) can start on a segment as soon as its C is complete.
+  int* ready;
 };
+
+// Programmatic dependent launch: a dependent grid launched with the programmatic-serialisation
+// attribute may start once every block of this grid has run this. The GEMMs run it first, so by
+// then every GEMM block is resident or done, and a dependent block that waits on `ready` never
+// holds an SM that a GEMM block still needs.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// One thread of a block whose C stores all precede a block (or consumer) barrier: publishes the
+// rows x cols elements of the tile at (row0, col0) of the segment.
+__device__ __forceinline__ void signal_ready(const GemmArgs& a, const GemmSeg& sg, int row0, int col0, int bm, int bn) {
+  const int cnt = (min(sg.rows, row0 + bm) - row0) * (min(sg.cols, col0 + bn) - col0);
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(a.ready + sg.id), "r"(cnt) : "memory");
+}
 
 // dot = s_i . t_j; inv_st = 1 / (|s_i| |t_j|) (0 when either is 0).
 __device__ __forceinline__ float cost_value(const GemmArgs& a, const GemmSeg& sg, int i, int j, float dot,
@@ -275,6 +296,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
   static_assert(size_t(WARPS_N * BM + WARPS_M * BN + BM + BN) * 4 <= Cfg::SMEM, "epilogue scratch fits");
   extern __shared__ __align__(128) unsigned char smem_raw[];
 
+  launch_dependents();
   const auto [seg, split, tm, tn, kt0, nk] = gemm_tile(PARTIAL ? a.splits : 1, int((a.d + BK - 1) / BK));
   const GemmSeg& sg = tab.seg[seg];
   const int row0 = tm * BM, col0 = tn * BN;
@@ -519,6 +541,10 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
         if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
       }
     }
+  if (!PARTIAL && a.ready) {
+    __syncthreads();  // every store of the tile precedes the release
+    if (tid == 0) signal_ready(a, sg, row0, col0, BM, BN);
+  }
 }
 
 // Split-K reduction for prune's on-chip path: sums the PARTIAL GEMM's split dot products and sums
@@ -567,6 +593,7 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
 
 // fp32 GEMM on FMA units (no TF32): 64 x 64 block tile, 4 x 4 outputs per thread.
 __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTable tab) {
+  launch_dependents();
   constexpr int BM = 64, BN = 64, BK = 16;
   __shared__ float As[BK][BM + 4], Bs[BK][BN + 4];
   const GemmSeg& sg = tab.seg[blockIdx.z];
@@ -621,6 +648,10 @@ __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTabl
         a.C[sg.c_off + int64_t(r) * sg.cols + c] =
             cost_value(a, sg, r, c, acc[i][j], s_inv[ty * 4 + i] * s_inv[BM + tx * 4 + j]);
     }
+  if (a.ready) {
+    __syncthreads();  // every store of the tile precedes the release
+    if (tid == 0) signal_ready(a, sg, row0, col0, BM, BN);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

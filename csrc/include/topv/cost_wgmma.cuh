@@ -213,6 +213,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
   auto full_bar = [&](int s) { return bar0 + 8u * uint32_t(s); };
   auto empty_bar = [&](int s) { return bar0 + 8u * uint32_t(STAGES + s); };
 
+  launch_dependents();
   const auto [seg, split, tm, tn, kt0, nk] = gemm_tile(PARTIAL ? a.splits : 1, int((a.d + BK - 1) / BK));
   const GemmSeg& sg = tab.seg[seg];
   const int row0 = tm * BM, col0 = tn * BN;
@@ -387,6 +388,10 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
           }
       }
       store(a.C + sg.c_off, j0, j0 + JC);
+    }
+    if (a.ready) {
+      consumer_sync<NCT>();  // every store of the tile precedes the release
+      if (tid == 0) signal_ready(a, sg, row0, col0, BM, BN);
     }
   }
 #else

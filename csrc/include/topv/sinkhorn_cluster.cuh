@@ -3,32 +3,41 @@
 //
 // Why: at n = 576 a pass over C is a few µs of work but a launch and a trip through L2/HBM each;
 // the pass kernels need 2 launches per iteration. Here CTA `rank` of a cluster of `cs` keeps its
-// row slab of C (rows [rank R, rank R + R), R = ceil(n / cs)) in shared memory for all passes:
-// * the slab holds C, loaded by bulk copies (TMA), and K = -C log2(e) / eps is formed in the FMA
-//   that adds a potential; the potentials are kept in base-2 units, so the inner loops are an
-//   FMA, an add and an ex2 (no ln/exp conversion per element); rows are padded to a multiple of 4
-//   with C = +inf so they read as float4;
-// * one pass per log-sum-exp, with a shift known before the pass instead of the max: after a
-//   column update g_j = lb_j - LSE2_i(K_ij + f_i), so K_ij + g_j <= lb_max - f_i, and after a row
-//   update K_ij + f'_i <= la_max - g_j. Every term is then <= 1 and the sum is >= the largest
-//   term; only where a row's or a column's total leaves [2^-64, 2^64] (every term far below the
-//   bound, the first row pass on a cost with negative entries, non-finite input) is it redone
-//   with its max.
-//   The first row pass (g = 0) uses the shift 0, exact for costs >= 0 (prune's are);
-// * row pass: each warp works on up to kRowsInFlight rows at once (independent chains, one g
-//   load for all), f'_i = log2 a_i - LSE2_j(g_j + K_ij); the ratio exp2(f_i - f'_i) gives the
-//   row violation and the score as in sinkhorn.cuh;
-// * column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
-//   at n = 576), summed in shared memory into this slab's column sums. With the common shift
-//   these are plain sums, so the merge is a sum: each CTA stores its sums straight into the
-//   shared memory of the CTA that owns the column (slot `rank`, so the owner adds them in a fixed
-//   order); after a cluster barrier the owner sums its columns locally, computes g and writes it
-//   into every CTA's copy of g; a second barrier publishes it. Remote stores only (no round-trip
-//   remote loads), two cluster barriers per iteration, no global traffic;
-// * early exit (tol > 0): every CTA writes its slab's violation into every CTA; each sums them in
+// row slab (rows [rank R, rank R + R), R = ceil(n / cs)) in shared memory for all passes. The
+// potentials are kept in base-2 units (K = -C log2(e) / eps), rows padded to a multiple of 4 so
+// they read as float4.
+// * The slab first holds C, loaded by bulk copies (TMA); the first row pass (g = 0) takes
+//   LSE2_j K_ij with the shift 0 (exact for costs >= 0, prune's), giving F = f after it.
+// * The first column pass replaces C by Q_ij = exp2(K_ij + F_i - la_max) in place (every term it
+//   sums; Q <= 1 since the rows of exp2(K + F) sum to a_i). From then on the transport plan is
+//   P_ij = Q_ij u_i y_j 2^lb_max with row factors u_i = exp2(f_i - F_i) and column factors
+//   y_j = exp2(g_j + la_max - lb_max), so every later pass is a matrix-vector product:
+//   LSE2_j(K_ij + g_j) = lb_max - F_i + log2 sum_j Q_ij y_j, LSE2_i(K_ij + f_i) = la_max +
+//   log2 sum_i Q_ij u_i. That is an FMA per element instead of an FMA, an add and an ex2 (MUFU
+//   runs at 1/8 of the FMA rate and bounded every pass); 2 of prune's 7 passes still exponentiate.
+//   The potentials stay the state (u and y are recomputed from them every pass), so nothing drifts.
+// * Where a sum may have lost precision it is redone exactly, max first, from C in global memory:
+//   Q entries and products below 2^-126 flush to zero, which changes a row sum by at most
+//   m 2^-126 max(y_max, 1), so a row sum below 2^-64 max(y_max, 1) (and a column sum below
+//   2^-64 max(u_max, 1)) or above 2^100 takes the exact path; so does a first-row-pass sum outside
+//   [2^-64, 2^64] (negative costs, non-finite input). Tiny eps or extreme costs get there; prune's
+//   costs at eps = 0.1 never do.
+// * Row pass: each warp works on up to kRowsInFlight rows at once (independent chains, one y load
+//   for all), f'_i = log2 a_i - LSE2_j(K_ij + g_j); the ratio exp2(f_i - f'_i) gives the row
+//   violation and the score as in sinkhorn.cuh.
+// * Column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
+//   at n = 576), summed in shared memory into this slab's column sums. The merge is a plain sum:
+//   each CTA stores its sums straight into the shared memory of the CTA that owns the column (slot
+//   `rank`, so the owner adds them in a fixed order); after a cluster barrier the owner sums its
+//   columns locally, computes g and writes y into every CTA; a second barrier publishes it. Remote
+//   stores only (no round-trip remote loads), two cluster barriers per iteration, no global traffic.
+// * Early exit (tol > 0): every CTA writes its slab's violation into every CTA; each sums them in
 //   the same order, so the whole cluster takes the same decision without another barrier.
+// * Start: with `ready`, the kernel runs alongside the GEMM that writes C (programmatic dependent
+//   launch) and each cluster waits until its segment's C is complete (see ClusterArgs).
 // With `kept`, CTA 0 then selects (select.cuh) from the scores that every CTA pushed into its
-// shared memory: prune is the cost GEMM (plus its split-K reduction at B = 1) and this kernel.
+// shared memory. (A separate selection kernel after a multi-wave launch measured slower, B = 64:
+// 571 vs 562 µs: the other CTAs' SMs already take the next clusters while CTA 0 selects.)
 #pragma once
 
 #include <cooperative_groups.h>
@@ -50,6 +59,7 @@ struct ClusterSeg {
   long long c_off;       // C(0, 0) of the segment (leading dimension cols), in C or in every split
   int rows, cols;        // n x m
   int row_off, col_off;  // offsets into the row vectors (f, score, log_a) / column vectors (g, log_b)
+  int id;                // with `ready`: the segment's counter
   SelSeg sel;            // with `kept`: the selection of this segment (score_off unused)
 };
 
@@ -65,14 +75,17 @@ struct ClusterArgs {
   float* g;
   float* score;  // nullable: score after one more row pass (prune)
   int64_t* kept;  // nullable: select from the scores
+  // Nullable: the GEMM that writes C runs concurrently (programmatic dependent launch) and adds
+  // the elements it stored to ready[id]; a segment's slab is read once it reaches rows x cols.
+  const int* ready;
   float eps, tol;
   int n_iters;
 };
 
 // Shared-memory floats for a segment of n x m on a cluster of cs CTAs (see the layout below).
 __host__ __device__ constexpr size_t cluster_smem_floats(int n, int m, int cs) {
-  return size_t((n + cs - 1) / cs) * ((m + 3) / 4 * 4) + (2 + kColSplit) * size_t((m + 3) / 4 * 4) + kMaxCluster +
-         3 * size_t((n + cs - 1) / cs) + kMaxCluster + size_t(n);
+  return size_t((n + cs - 1) / cs) * ((m + 3) / 4 * 4) + (3 + kColSplit) * size_t((m + 3) / 4 * 4) + kMaxCluster +
+         5 * size_t((n + cs - 1) / cs) + 2 * kMaxCluster + size_t(n);
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -111,6 +124,50 @@ __device__ float block_max(const float* v, int n, float scale, float* red) {
   return mx;
 }
 
+// The exact paths, max first, from C in global memory. Rarely taken, so kept out of line: the
+// kernel's passes each run once per iteration, and the instruction fetches of a larger body cost
+// more than the call.
+// LSE2_j (ns C_ij + g_j) of one row (the calling warp); g from the columns' owners (owner of j:
+// CTA j / Mc, same offset) or 0 before the first column update.
+__device__ __noinline__ float row_lse_exact(const float* row, int m, float ns, const float* gv, int Mc, bool remote_g) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int lane = threadIdx.x & 31;
+  auto term = [&](int j) { return fmaf(row[j], ns, remote_g ? *cluster.map_shared_rank(gv + j, j / Mc) : 0.0f); };
+  float mx = -INFINITY;
+  for (int j = lane; j < m; j += 32) mx = fmaxf(mx, term(j));
+  mx = warp_max(mx);
+  float s = 0.0f;
+  if (mx != -INFINITY)
+    for (int j = lane; j < m; j += 32) s += exp2f(term(j) - mx);
+  return mx + log2f(warp_sum(s));
+}
+
+// (max, sum) of ns C_ij + f_i over the rows of CTAs q = l, l + L, ... < cs of column j (rows of
+// CTA q: [q R, min(n, q R + R)), f from that CTA's fn).
+__device__ __noinline__ Lse col_lse_exact(const float* Cg, int n, int m, int R, int cs, int j, int l, int L, float ns,
+                                          const float* fn) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  Lse st = lse_empty();
+  for (int q = l; q < cs; q += L) {
+    const float* fq = cluster.map_shared_rank(fn, q);
+    const float* cq = Cg + (long long)q * R * m + j;
+    const int rq = max(0, min(n, (q + 1) * R) - q * R);
+    float mx = -INFINITY, sq = 0.0f;
+    for (int r = 0; r < rq; ++r) mx = fmaxf(mx, fmaf(cq[(long long)r * m], ns, fq[r]));
+    if (mx != -INFINITY)
+      for (int r = 0; r < rq; ++r) sq += exp2f(fmaf(cq[(long long)r * m], ns, fq[r]) - mx);
+    st = lse2_merge(st, Lse{mx, sq});
+  }
+  return st;
+}
+
+// Split cluster barrier: every CTA arrives once its shared memory is initialised and waits before
+// its first remote access (a CTA's shared memory may be accessed only once it has started).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); }
+
 // minBlocks 1 lets ptxas use up to 128 registers (left to itself it settles on 64 and spills).
 __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(ClusterArgs a, ClusterTable tab) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -120,54 +177,61 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   cg::cluster_group cluster = cg::this_cluster();
   const int cs = int(cluster.num_blocks()), rank = int(cluster.block_rank());
   const ClusterSeg& sg = tab.seg[blockIdx.y];
-  const int n = sg.rows, m = sg.cols, ldm = (m + 3) / 4 * 4, Q = ldm / 4;
+  const int n = sg.rows, m = sg.cols, ldm = (m + 3) / 4 * 4, Q4 = ldm / 4;
   const int R = (n + cs - 1) / cs, Mc = (m + cs - 1) / cs;
   const int i0 = rank * R, rows_here = max(0, min(n, i0 + R) - i0);
   const int j0 = rank * Mc, j1 = min(m, j0 + Mc);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const float ns = -kLog2e / a.eps;  // K = ns C: cost in natural units -> -C / eps in base-2 units
+  const float* Cg = a.C + sg.c_off;  // the segment's C in global memory (the exact paths read it)
 
   extern __shared__ __align__(16) float sm[];
-  float* Cs = sm;                      // R x ldm slab of C
-  float* gv = Cs + size_t(R) * ldm;    // g, every column (ldm: float4 reads)
-  float* csum = gv + ldm;              // column sums of this slab (row group 0 of the column pass)
+  float* Cs = sm;                      // R x ldm slab: C, then Q after the first column pass
+  float* gv = Cs + size_t(R) * ldm;    // g of this CTA's columns (index j)
+  float* yv = gv + ldm;                // y, every column (float4 reads)
+  float* csum = yv + ldm;              // column sums of this slab (row group 0 of the column pass)
   float* cpart = csum + ldm;           // row groups 1 .. kColSplit - 1
   float* cin = cpart + (kColSplit - 1) * size_t(ldm);  // every CTA's sums of this CTA's columns
   float* fv = cin + ldm + kMaxCluster;  // f of this slab's rows
   float* fn = fv + R;                  // f' of this slab's rows
-  float* scl = fn + R;                 // scores of this slab's rows (the last row pass's)
+  float* Fv = fn + R;                  // F: f after the first row pass (Q's row scale)
+  float* uv = Fv + R;                  // u = exp2(f' - F)
+  float* scl = uv + R;                 // scores of this slab's rows (the last row pass's)
   float* vred = scl + R;               // violation of each CTA's slab
-  float* sc_all = vred + kMaxCluster;  // CTA 0: the segment's scores
-  __shared__ float wred[NW + 1];
+  float* umx = vred + kMaxCluster;     // max u of each CTA's slab
+  float* sc_all = umx + kMaxCluster;   // CTA 0: the segment's scores
+  __shared__ float wred[NW + 1], wumx[NW];
 
   // Uniform log-marginals and the shift bounds: the largest log-marginals (base 2).
   const float la_u = -log2f(float(n)), lb_u = -log2f(float(m));
   const float la_max = a.log_a ? block_max<NT>(a.log_a + sg.row_off, n, kLog2e, wred) : la_u;
   const float lb_max = a.log_b ? block_max<NT>(a.log_b + sg.col_off, m, kLog2e, wred) : lb_u;
 
-  // 1. The slab, as C (every use scales it in an FMA, which costs what the add it replaces did).
-  //    Contiguous rows (m % 4 == 0, 16-byte-aligned source) come in bulk copies (TMA) of up to
-  //    32 KB; else a warp per row, +inf in the padding (K = -inf).
+  // 1. The slab, as C (the first passes scale it in an FMA, which costs what the add it replaces
+  //    did). Contiguous rows (m % 4 == 0, 16-byte-aligned source) come in bulk copies (TMA) of up
+  //    to 32 KB; else a warp per row, +inf in the padding (K = -inf, Q = 0).
   __shared__ alignas(8) unsigned long long slab_bar;
-  const float* src = a.C + sg.c_off + (long long)i0 * m;
+  const float* src = Cg + (long long)i0 * m;
   const bool bulk = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
-  if (bulk) {
-    if (tid == 0) {
-      mbar_init(smem_addr(&slab_bar), 1u);
-      mbar_init_fence();
-    }
-  } else {
-    for (int r = warp; r < rows_here; r += NW) {
-      const float* row = src + size_t(r) * m;
-      float* dst = Cs + size_t(r) * ldm;
-#pragma unroll 4
-      for (int j = lane; j < m; j += 32) dst[j] = __ldg(row + j);
-      for (int j = m + lane; j < ldm; j += 32) dst[j] = INFINITY;
-    }
+  if (bulk && tid == 0) {
+    mbar_init(smem_addr(&slab_bar), 1u);
+    mbar_init_fence();
   }
   for (int j = tid; j < ldm; j += NT) gv[j] = 0.0f;
   for (int r = tid; r < rows_here; r += NT) fv[r] = 0.0f;
-  __syncthreads();
+  if (a.ready && tid == 0) {
+    const int want = n * m;
+    int got;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(got) : "l"(a.ready + sg.id) : "memory");
+      if (got >= want) break;
+      __nanosleep(256);
+    }
+    // The bulk copies read C through the async proxy: order them after the acquire.
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  }
+  __syncthreads();  // the barrier is initialised and C is complete
+  cluster_arrive_relaxed();
   if (bulk) {
     const uint32_t bar = smem_addr(&slab_bar), bytes = uint32_t(rows_here) * uint32_t(m) * 4u;
     if (tid == 0) {
@@ -176,109 +240,143 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
         bulk_load(smem_addr(Cs) + o, reinterpret_cast<const char*>(src) + o, min(32768u, bytes - o), bar);
     }
     mbar_wait(bar, 0u);
+  } else {
+    // Plain loads, not __ldg: with `ready`, C may have been written while this kernel ran.
+    for (int r = warp; r < rows_here; r += NW) {
+      const float* row = src + size_t(r) * m;
+      float* dst = Cs + size_t(r) * ldm;
+#pragma unroll 4
+      for (int j = lane; j < m; j += 32) dst[j] = row[j];
+      for (int j = m + lane; j < ldm; j += 32) dst[j] = INFINITY;
+    }
+    __syncthreads();
   }
+  cluster_wait();
 
   // 2. The passes. Every remote access lies between two cluster barriers that all CTAs reach.
   const int last = a.score ? a.n_iters + 1 : a.n_iters;
-  const float4* g4 = reinterpret_cast<const float4*>(gv);
-  // LSE2_j (K_rj + g_j) of slab row r with the max taken first: where the shifted sum misses.
-  auto row_lse_exact = [&](int r) {
-    const float4* c4 = reinterpret_cast<const float4*>(Cs + size_t(r) * ldm);
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-    for (int q = lane; q < Q; q += 32) {
-      const float4 c = c4[q], g = g4[q];
-      mx0 = fmaxf(mx0, fmaxf(fmaf(c.x, ns, g.x), fmaf(c.y, ns, g.y)));
-      mx1 = fmaxf(mx1, fmaxf(fmaf(c.z, ns, g.z), fmaf(c.w, ns, g.w)));
-    }
-    const float mx = warp_max(fmaxf(mx0, mx1));
-    float s = 0.0f;
-    for (int q = lane; q < Q; q += 32) {
-      const float4 c = c4[q], g = g4[q];
-      s += exp2f(fmaf(c.x, ns, g.x) - mx) + exp2f(fmaf(c.y, ns, g.y) - mx) + exp2f(fmaf(c.z, ns, g.z) - mx) +
-           exp2f(fmaf(c.w, ns, g.w) - mx);
-    }
-    return mx + log2f(warp_sum(s));
-  };
-  // Column pass layout: H row groups of threads over the Q float4 column groups.
-  const int H = max(1, min(kColSplit, NT / Q));
+  const float4* y4 = reinterpret_cast<const float4*>(yv);
+  // Column pass layout: H row groups of threads over the Q4 float4 column groups.
+  const int H = max(1, min(kColSplit, NT / Q4));
   // g layout: L lanes per column (a power of 2 dividing cs) so a CTA's columns take one round.
   int L = cs;
   while (L > 1 && (Mc * L > NT)) L >>= 1;
   for (int t = 1; t <= last; ++t) {
-    float vloc = 0.0f;
-    // Rows r0, r0 + NW, ... (NR of them, a compile-time count so no lane works on a copy).
-    auto row_pass = [&](auto nr, int r0) {
+    float vloc = 0.0f, uw = 1.0f;  // this warp's violation and largest u
+    // Rows r0, r0 + NW, ... (NR of them, a compile-time count so no lane works on a copy); QM:
+    // the slab holds Q (t >= 2), else C with g = 0 (t = 1).
+    auto row_pass = [&](auto nr, auto qm, int r0) {
       constexpr int NR = decltype(nr)::value;
-      float sh[NR], s[NR];
+      constexpr bool QM = decltype(qm)::value;
+      float4 s[NR];
       const float4* cr[NR];
 #pragma unroll
       for (int u = 0; u < NR; ++u) {
-        const int r = r0 + u * NW;
-        cr[u] = reinterpret_cast<const float4*>(Cs + size_t(r) * ldm);
-        sh[u] = t >= 2 ? lb_max - fv[r] : 0.0f;
-        s[u] = 0.0f;
+        cr[u] = reinterpret_cast<const float4*>(Cs + size_t(r0 + u * NW) * ldm);
+        s[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
+      float ym = 0.0f;
 #pragma unroll 2
-      for (int q = lane; q < Q; q += 32) {
-        const float4 g = g4[q];
+      for (int q = lane; q < Q4; q += 32) {
+        if constexpr (QM) {
+          const float4 y = y4[q];
+          ym = fmaxf(ym, fmaxf(fmaxf(y.x, y.y), fmaxf(y.z, y.w)));
 #pragma unroll
-        for (int u = 0; u < NR; ++u) {
-          const float4 c = cr[u][q];
-          s[u] += exp2f(fmaf(c.x, ns, g.x) - sh[u]) + exp2f(fmaf(c.y, ns, g.y) - sh[u]) +
-                  exp2f(fmaf(c.z, ns, g.z) - sh[u]) + exp2f(fmaf(c.w, ns, g.w) - sh[u]);
+          for (int u = 0; u < NR; ++u) {
+            const float4 c = cr[u][q];
+            s[u].x = fmaf(c.x, y.x, s[u].x);
+            s[u].y = fmaf(c.y, y.y, s[u].y);
+            s[u].z = fmaf(c.z, y.z, s[u].z);
+            s[u].w = fmaf(c.w, y.w, s[u].w);
+          }
+        } else {
+#pragma unroll
+          for (int u = 0; u < NR; ++u) {
+            const float4 c = cr[u][q];
+            s[u].x += exp2f(c.x * ns);
+            s[u].y += exp2f(c.y * ns);
+            s[u].z += exp2f(c.z * ns);
+            s[u].w += exp2f(c.w * ns);
+          }
         }
       }
+      float tot[NR];
 #pragma unroll
-      for (int u = 0; u < NR; ++u) s[u] = warp_sum(s[u]);
+      for (int u = 0; u < NR; ++u) tot[u] = warp_sum((s[u].x + s[u].y) + (s[u].z + s[u].w));
+      const float yfloor = QM ? 0x1p-64f * fmaxf(warp_max(ym), 1.0f) : 0.0f;
 #pragma unroll
       for (int u = 0; u < NR; ++u) {
         const int r = r0 + u * NW, i = i0 + r;
-        const float lse = shifted_sum_ok(s[u]) ? sh[u] + log2f(s[u]) : row_lse_exact(r);  // warp-uniform
+        const bool ok = QM ? tot[u] >= yfloor && tot[u] <= 0x1p100f : shifted_sum_ok(tot[u]);  // warp-uniform
+        const float lse = !ok ? row_lse_exact(Cg + (long long)i * m, m, ns, gv, Mc, QM) : QM ? lb_max - Fv[r] + log2f(tot[u]) : log2f(tot[u]);
         const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
         const float ratio = exp2f(fv[r] - la + lse);
+        const float f2 = la - lse;
         vloc += exp2f(la) * fabsf(ratio - 1.0f);
+        const float uu = QM ? exp2f(f2 - Fv[r]) : 1.0f;
+        uw = fmaxf(uw, uu);
         if (lane == 0) {
-          fn[r] = la - lse;
+          fn[r] = f2;
           scl[r] = float(n) * exp2f(la) * ratio;
+          if (QM) uv[r] = uu; else Fv[r] = f2;
         }
       }
     };
-    for (int r0 = warp; r0 < rows_here; r0 += NW * RB) {
-      static_assert(RB == 3, "one case per row count");
-      switch (min(RB, (rows_here - r0 + NW - 1) / NW)) {
-        case 3: row_pass(std::integral_constant<int, 3>{}, r0); break;
-        case 2: row_pass(std::integral_constant<int, 2>{}, r0); break;
-        default: row_pass(std::integral_constant<int, 1>{}, r0); break;
+    auto row_rows = [&](auto qm) {
+      for (int r0 = warp; r0 < rows_here; r0 += NW * RB) {
+        static_assert(RB == 3, "one case per row count");
+        switch (min(RB, (rows_here - r0 + NW - 1) / NW)) {
+          case 3: row_pass(std::integral_constant<int, 3>{}, qm, r0); break;
+          case 2: row_pass(std::integral_constant<int, 2>{}, qm, r0); break;
+          default: row_pass(std::integral_constant<int, 1>{}, qm, r0); break;
+        }
       }
-    }
+    };
+    if (t == 1) row_rows(std::false_type{}); else row_rows(std::true_type{});
     if (t > a.n_iters) break;  // prune's scoring pass has no column half
     const bool check = a.tol > 0.0f && t >= 2;
-    if (check) {
-      if (lane == 0) wred[warp] = vloc;
-      __syncthreads();
-      if (tid == 0) {
-        float v = 0.0f;
-        for (int w = 0; w < NW; ++w) v += wred[w];
-        for (int q = 0; q < cs; ++q) *cluster.map_shared_rank(vred + rank, q) = v;
+    if (lane == 0) {
+      wred[warp] = vloc;
+      wumx[warp] = uw;
+    }
+    __syncthreads();  // fn, uv and the warps' partials are complete
+    if (tid == 0) {  // this slab's violation and largest u, into every CTA
+      float v = 0.0f, um = 1.0f;
+      for (int w = 0; w < NW; ++w) v += wred[w], um = fmaxf(um, wumx[w]);
+      for (int q = 0; q < cs; ++q) {
+        if (check) *cluster.map_shared_rank(vred + rank, q) = v;
+        *cluster.map_shared_rank(umx + rank, q) = um;
       }
     }
-    __syncthreads();  // fn is complete
-    // Column sums with the shift la_max - g_j, row group h of column group c4 taking rows
-    // h, h + H, ...; group 0 writes csum, the others cpart.
-    for (int e = tid; e < Q * H; e += NT) {
-      const int c4 = e % Q, h = e / Q;
-      const float4 g = g4[c4];
-      const float4 sh = make_float4(la_max - g.x, la_max - g.y, la_max - g.z, la_max - g.w);
-      const float4* col = reinterpret_cast<const float4*>(Cs) + c4;
+    // Column sums, row group h of column group c4 taking rows h, h + H, ...; group 0 writes
+    // csum, the others cpart. The first pass turns the slab into Q on the way.
+    for (int e = tid; e < Q4 * H; e += NT) {
+      const int c4 = e % Q4, h = e / Q4;
+      float4* col = reinterpret_cast<float4*>(Cs) + c4;
       float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (t == 1) {
 #pragma unroll 4
-      for (int r = h; r < rows_here; r += H) {
-        const float4 c = col[size_t(r) * Q];
-        const float f = fn[r];
-        s.x += exp2f(fmaf(c.x, ns, f) - sh.x);
-        s.y += exp2f(fmaf(c.y, ns, f) - sh.y);
-        s.z += exp2f(fmaf(c.z, ns, f) - sh.z);
-        s.w += exp2f(fmaf(c.w, ns, f) - sh.w);
+        for (int r = h; r < rows_here; r += H) {
+          const float4 c = col[size_t(r) * Q4];
+          const float f = fn[r] - la_max;
+          const float4 qv = make_float4(exp2f(fmaf(c.x, ns, f)), exp2f(fmaf(c.y, ns, f)), exp2f(fmaf(c.z, ns, f)),
+                                        exp2f(fmaf(c.w, ns, f)));
+          col[size_t(r) * Q4] = qv;
+          s.x += qv.x;
+          s.y += qv.y;
+          s.z += qv.z;
+          s.w += qv.w;
+        }
+      } else {
+#pragma unroll 4
+        for (int r = h; r < rows_here; r += H) {
+          const float4 qv = col[size_t(r) * Q4];
+          const float u = uv[r];
+          s.x = fmaf(qv.x, u, s.x);
+          s.y = fmaf(qv.y, u, s.y);
+          s.z = fmaf(qv.z, u, s.z);
+          s.w = fmaf(qv.w, u, s.w);
+        }
       }
       reinterpret_cast<float4*>(h == 0 ? csum : cpart + (h - 1) * size_t(ldm))[c4] = s;
     }
@@ -291,16 +389,19 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       const int o = j / Mc;
       *cluster.map_shared_rank(cin + rank * Mc + (j - o * Mc), o) = s;
     }
-    cluster.sync();  // column sums and violations visible cluster-wide
+    cluster.sync();  // column sums, violations and u maxima visible cluster-wide
     if (check) {
       float v = 0.0f;
       for (int q = 0; q < cs; ++q) v += vred[q];
       if (v < a.tol) break;  // the plan (f, g) is kept, and its scores are already written
     }
+    float ufloor = 1.0f;
+    for (int q = 0; q < cs; ++q) ufloor = fmaxf(ufloor, umx[q]);
+    ufloor *= 0x1p-64f;
     // g of this CTA's columns: L adjacent lanes per column sum the cs slabs' sums in a fixed
     // order (so the result does not depend on timing), and the lane that summed CTA q's sum
-    // writes g into CTA q. L divides 32. A total outside the shifted range is recomputed
-    // exactly from every CTA's slab (a rare path; all lanes of the warp take it together).
+    // writes y into CTA q. L divides 32. A sum that may have lost precision is recomputed
+    // exactly from C (a rare path; all lanes of the warp take it together).
     for (int base = j0; base < j1; base += NT / L) {
       const int j = base + tid / L, l = tid % L;
       const bool here = j < j1;
@@ -312,21 +413,10 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
         if (o >= L) break;
         tot += __shfl_xor_sync(0xffffffffu, tot, o);
       }
-      float lse = la_max - (here ? gv[j] : 0.0f) + log2f(tot);
-      const bool exact = here && !shifted_sum_ok(tot);
+      float lse = la_max + log2f(tot);
+      const bool exact = here && !(tot >= ufloor && tot <= 0x1p100f);
       if (__any_sync(0xffffffffu, exact)) {
-        Lse st = lse_empty();
-        if (exact)
-          for (int q = l; q < cs; q += L) {
-            const float* Cq = cluster.map_shared_rank(Cs, q);
-            const float* fq = cluster.map_shared_rank(fn, q);
-            const int rq = max(0, min(n, (q + 1) * R) - q * R);
-            float mx = -INFINITY, sq = 0.0f;
-            for (int r = 0; r < rq; ++r) mx = fmaxf(mx, fmaf(Cq[size_t(r) * ldm + j], ns, fq[r]));
-            if (mx != -INFINITY)
-              for (int r = 0; r < rq; ++r) sq += exp2f(fmaf(Cq[size_t(r) * ldm + j], ns, fq[r]) - mx);
-            st = lse2_merge(st, Lse{mx, sq});
-          }
+        Lse st = exact ? col_lse_exact(Cg, n, m, R, cs, j, l, L, ns, fn) : lse_empty();
 #pragma unroll
         for (int o = 1; o < kMaxCluster; o <<= 1) {
           if (o >= L) break;
@@ -337,12 +427,13 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       }
       if (here) {
         const float lb = a.log_b ? a.log_b[sg.col_off + j] * kLog2e : lb_u;
-        const float gj = lb - lse;
-        for (int q = l; q < cs; q += L) *cluster.map_shared_rank(gv + j, q) = gj;
+        const float gj = lb - lse, yj = exp2f(gj + la_max - lb_max);
+        if (l == 0) gv[j] = gj;
+        for (int q = l; q < cs; q += L) *cluster.map_shared_rank(yv + j, q) = yj;
       }
     }
     for (int r = tid; r < rows_here; r += NT) fv[r] = fn[r];
-    cluster.sync();  // g is published; the partials may be overwritten
+    cluster.sync();  // y is published; the partials may be overwritten
   }
 
   // 3. Outputs, back in natural units. Scores leave only now: a global store inside the loop
