@@ -488,11 +488,10 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
       std::vector<ClusterSeg> cseg;  // sq_off is the segment's first packed row
       for (const GemmSeg& g : gs)
         cseg.push_back(ClusterSeg{g.c_off, g.rows, g.cols, g.sq_off, g.sq_off, g.id, sel_seg(g.id)});
-      // Without split-K the cluster kernel overlaps the GEMM (launch_cluster), ordered by w.ready.
-      if (!partial) {
-        TOPV_TRY(cudaMemsetAsync(w.ready + grp.first, 0, sizeof(int) * size_t(grp.count), st));
-        gp.ready = w.ready;
-      }
+      // The cluster kernel overlaps the kernel that writes C (the GEMM, or the split-K reduction),
+      // ordered per segment by w.ready (launch_cluster).
+      TOPV_TRY(cudaMemsetAsync(w.ready + grp.first, 0, sizeof(int) * size_t(grp.count), st));
+      gp.ready = w.ready;
       TOPV_TRY(launch_gemm(a.dtype, gp, gs, partial, st));
       if (partial) TOPV_TRY(launch_cost_reduce(gp, gs, st));
       const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, gp.ready, p.eps, p.tol, p.n_iters};

@@ -92,9 +92,10 @@ struct GemmArgs {
   float* sq_t;
   long long part_stride, sq_stride;
   int splits;
-  // Nullable (not with PARTIAL): ready[id] += the elements a block stored, released at gpu scope
-  // once they are all stored, so a kernel launched with programmatic dependent launch (prune's
-  // on-chip Sinkhorn) can start on a segment as soon as its C is complete.
+  // Nullable: ready[id] += the elements of C a block stored, released at gpu scope once they are
+  // all stored, so a kernel launched with programmatic dependent launch (prune's on-chip
+  // Sinkhorn) can start on a segment as soon as its C is complete. PARTIAL GEMMs store no C and
+  // ignore it; cost_reduce_kernel, which turns their partials into C, publishes its rows.
   int* ready;
 };
 
@@ -554,6 +555,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
 // the epilogue does not land on the few SMs of the Sinkhorn clusters that read C next.
 constexpr int kReduceThreads = 128;
 __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a, GemmTable tab) {
+  launch_dependents();
   const GemmSeg& sg = tab.seg[blockIdx.y];
   const int r = int(blockIdx.x);
   if (r >= sg.rows) return;
@@ -588,6 +590,10 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
       }
       Cr[c] = cost_value(a, sg, r, c, dot, inv_r * inv_norm(st));
     }
+  }
+  if (a.ready) {  // the row is published like a GEMM tile (the on-chip kernel overlaps this one too)
+    __syncthreads();
+    if (threadIdx.x == 0) signal_ready(a, sg, r, 0, 1, sg.cols);
   }
 }
 

@@ -24,7 +24,8 @@
 //   costs at eps = 0.1 never do.
 // * Row pass: each warp works on up to kRowsInFlight rows at once (independent chains, one y load
 //   for all), f'_i = log2 a_i - LSE2_j(K_ij + g_j); the ratio exp2(f_i - f'_i) gives the row
-//   violation and the score as in sinkhorn.cuh.
+//   violation and the score as in sinkhorn.cuh. The first row pass takes one row at a time, as
+//   the slab's chunks land.
 // * Column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
 //   at n = 576), summed in shared memory into this slab's column sums. The merge is a plain sum:
 //   each CTA stores its sums straight into the shared memory of the CTA that owns the column (slot
@@ -54,6 +55,7 @@ constexpr int kClusterThreads = 512;
 constexpr int kMaxCluster = 16;    // non-portable cluster size on H100 (8 is portable)
 constexpr int kRowsInFlight = 3;   // rows a warp's row pass works on at once (3: 128 registers, no spills)
 constexpr int kColSplit = 4;       // most row groups per column group in the column pass
+constexpr int kSlabChunks = 8;     // bulk-copied slabs arrive in up to this many row chunks
 
 struct ClusterSeg {
   long long c_off;       // C(0, 0) of the segment (leading dimension cols), in C or in every split
@@ -209,12 +211,15 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
 
   // 1. The slab, as C (the first passes scale it in an FMA, which costs what the add it replaces
   //    did). Contiguous rows (m % 4 == 0, 16-byte-aligned source) come in bulk copies (TMA) of up
-  //    to 32 KB; else a warp per row, +inf in the padding (K = -inf, Q = 0).
-  __shared__ alignas(8) unsigned long long slab_bar;
+  //    to 32 KB, in chunks of rc rows with a barrier each: the first row pass takes each row as
+  //    soon as its chunk has landed, so it runs under the load. Else a warp per row, +inf in the
+  //    padding (K = -inf, Q = 0).
+  __shared__ alignas(8) unsigned long long slab_bar[kSlabChunks];
   const float* src = Cg + (long long)i0 * m;
   const bool bulk = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  const int rc = max(1, (rows_here + kSlabChunks - 1) / kSlabChunks);
   if (bulk && tid == 0) {
-    mbar_init(smem_addr(&slab_bar), 1u);
+    for (int c = 0; c * rc < rows_here; ++c) mbar_init(smem_addr(&slab_bar[c]), 1u);
     mbar_init_fence();
   }
   for (int j = tid; j < ldm; j += NT) gv[j] = 0.0f;
@@ -233,13 +238,15 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   __syncthreads();  // the barrier is initialised and C is complete
   cluster_arrive_relaxed();
   if (bulk) {
-    const uint32_t bar = smem_addr(&slab_bar), bytes = uint32_t(rows_here) * uint32_t(m) * 4u;
-    if (tid == 0) {
-      mbar_arrive_expect_tx(bar, bytes);
-      for (uint32_t o = 0; o < bytes; o += 32768u)
-        bulk_load(smem_addr(Cs) + o, reinterpret_cast<const char*>(src) + o, min(32768u, bytes - o), bar);
-    }
-    mbar_wait(bar, 0u);
+    if (tid == 0)
+      for (int c = 0; c * rc < rows_here; ++c) {
+        const uint32_t bar = smem_addr(&slab_bar[c]), row_bytes = uint32_t(m) * 4u;
+        const uint32_t first = uint32_t(c * rc) * row_bytes, bytes = uint32_t(min(rc, rows_here - c * rc)) * row_bytes;
+        mbar_arrive_expect_tx(bar, bytes);
+        for (uint32_t o = 0; o < bytes; o += 32768u)
+          bulk_load(smem_addr(Cs) + first + o, reinterpret_cast<const char*>(src) + first + o, min(32768u, bytes - o),
+                    bar);
+      }
   } else {
     // Plain loads, not __ldg: with `ready`, C may have been written while this kernel ran.
     for (int r = warp; r < rows_here; r += NW) {
@@ -322,17 +329,26 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
         }
       }
     };
-    auto row_rows = [&](auto qm) {
+    auto row_rows = [&] {
       for (int r0 = warp; r0 < rows_here; r0 += NW * RB) {
         static_assert(RB == 3, "one case per row count");
         switch (min(RB, (rows_here - r0 + NW - 1) / NW)) {
-          case 3: row_pass(std::integral_constant<int, 3>{}, qm, r0); break;
-          case 2: row_pass(std::integral_constant<int, 2>{}, qm, r0); break;
-          default: row_pass(std::integral_constant<int, 1>{}, qm, r0); break;
+          case 3: row_pass(std::integral_constant<int, 3>{}, std::true_type{}, r0); break;
+          case 2: row_pass(std::integral_constant<int, 2>{}, std::true_type{}, r0); break;
+          default: row_pass(std::integral_constant<int, 1>{}, std::true_type{}, r0); break;
         }
       }
     };
-    if (t == 1) row_rows(std::false_type{}); else row_rows(std::true_type{});
+    if (t == 1) {
+      // One row at a time, in slab order, each once its chunk has landed (every chunk is waited
+      // for by some warp, and the barrier after the pass orders it for all threads).
+      for (int r = warp; r < rows_here; r += NW) {
+        if (bulk) mbar_wait(smem_addr(&slab_bar[r / rc]), 0u);
+        row_pass(std::integral_constant<int, 1>{}, std::false_type{}, r);
+      }
+    } else {
+      row_rows();
+    }
     if (t > a.n_iters) break;  // prune's scoring pass has no column half
     const bool check = a.tol > 0.0f && t >= 2;
     if (lane == 0) {
