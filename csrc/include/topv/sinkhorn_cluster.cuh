@@ -28,12 +28,14 @@
 //   the slab's chunks land.
 // * Column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
 //   at n = 576), summed in shared memory into this slab's column sums. The merge is a plain sum:
-//   each CTA stores its sums straight into the shared memory of the CTA that owns the column (slot
-//   `rank`, so the owner adds them in a fixed order); after a cluster barrier the owner sums its
-//   columns locally, computes g and writes y into every CTA; a second barrier publishes it. Remote
-//   stores only (no round-trip remote loads), two cluster barriers per iteration, no global traffic.
-// * Early exit (tol > 0): every CTA writes its slab's violation into every CTA; each sums them in
-//   the same order, so the whole cluster takes the same decision without another barrier.
+//   each CTA pushes its sums straight into the shared memory of the CTA that owns the column
+//   (slot `rank`, so the owner adds them in a fixed order) with st.async, which completes on the
+//   owner's mbarrier; the owner sums its columns locally, computes g and pushes g and y into every
+//   CTA the same way. No cluster barrier in the loop (barrier.cluster's release fences cost ~13 %
+//   of the kernel's stall samples): each CTA waits on its own barriers, and the order of the
+//   pushes keeps every buffer from being refilled before it is read (see the loop).
+// * Early exit (tol > 0): every CTA pushes its slab's violation into every CTA; each sums them in
+//   the same order, so the whole cluster takes the same decision.
 // * Start: with `ready`, the kernel runs alongside the GEMM that writes C (programmatic dependent
 //   launch) and each cluster waits until its segment's C is complete (see ClusterArgs).
 // With `kept`, CTA 0 then selects (select.cuh) from the scores that every CTA pushed into its
@@ -129,12 +131,11 @@ __device__ float block_max(const float* v, int n, float scale, float* red) {
 // The exact paths, max first, from C in global memory. Rarely taken, so kept out of line: the
 // kernel's passes each run once per iteration, and the instruction fetches of a larger body cost
 // more than the call.
-// LSE2_j (ns C_ij + g_j) of one row (the calling warp); g from the columns' owners (owner of j:
-// CTA j / Mc, same offset) or 0 before the first column update.
-__device__ __noinline__ float row_lse_exact(const float* row, int m, float ns, const float* gv, int Mc, bool remote_g) {
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+// LSE2_j (ns C_ij + g_j) of one row (the calling warp); g = 0 (before the first column update)
+// where gv is null.
+__device__ __noinline__ float row_lse_exact(const float* row, int m, float ns, const float* gv) {
   const int lane = threadIdx.x & 31;
-  auto term = [&](int j) { return fmaf(row[j], ns, remote_g ? *cluster.map_shared_rank(gv + j, j / Mc) : 0.0f); };
+  auto term = [&](int j) { return fmaf(row[j], ns, gv ? gv[j] : 0.0f); };
   float mx = -INFINITY;
   for (int j = lane; j < m; j += 32) mx = fmaxf(mx, term(j));
   mx = warp_max(mx);
@@ -163,6 +164,16 @@ __device__ __noinline__ Lse col_lse_exact(const float* Cg, int n, int m, int R, 
   return st;
 }
 
+// A store into CTA `rank`'s shared memory (at the address `saddr` has here) that completes its
+// bytes on that CTA's mbarrier at `sbar`: no cluster barrier, and no fence, orders it.
+__device__ __forceinline__ void st_async(uint32_t saddr, float v, uint32_t sbar, int rank) {
+  uint32_t ra, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(saddr), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(sbar), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];\n" ::"r"(ra), "f"(v), "r"(rb)
+               : "memory");
+}
+
 // Split cluster barrier: every CTA arrives once its shared memory is initialised and waits before
 // its first remote access (a CTA's shared memory may be accessed only once it has started).
 __device__ __forceinline__ void cluster_arrive_relaxed() {
@@ -189,14 +200,13 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
 
   extern __shared__ __align__(16) float sm[];
   float* Cs = sm;                      // R x ldm slab: C, then Q after the first column pass
-  float* gv = Cs + size_t(R) * ldm;    // g of this CTA's columns (index j)
+  float* gv = Cs + size_t(R) * ldm;    // g, every column
   float* yv = gv + ldm;                // y, every column (float4 reads)
   float* csum = yv + ldm;              // column sums of this slab (row group 0 of the column pass)
   float* cpart = csum + ldm;           // row groups 1 .. kColSplit - 1
   float* cin = cpart + (kColSplit - 1) * size_t(ldm);  // every CTA's sums of this CTA's columns
-  float* fv = cin + ldm + kMaxCluster;  // f of this slab's rows
-  float* fn = fv + R;                  // f' of this slab's rows
-  float* Fv = fn + R;                  // F: f after the first row pass (Q's row scale)
+  float* fb = cin + ldm + kMaxCluster;  // f of this slab's rows after iteration t at fb + (t & 1) R
+  float* Fv = fb + 2 * R;              // F: f after the first row pass (Q's row scale)
   float* uv = Fv + R;                  // u = exp2(f' - F)
   float* scl = uv + R;                 // scores of this slab's rows (the last row pass's)
   float* vred = scl + R;               // violation of each CTA's slab
@@ -218,12 +228,19 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   const float* src = Cg + (long long)i0 * m;
   const bool bulk = m % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
   const int rc = max(1, (rows_here + kSlabChunks - 1) / kSlabChunks);
-  if (bulk && tid == 0) {
-    for (int c = 0; c * rc < rows_here; ++c) mbar_init(smem_addr(&slab_bar[c]), 1u);
-    mbar_init_fence();
+  // The merge's barriers: cbar takes this CTA's columns' sums and every CTA's violation and largest
+  // u, ybar every column's g and y (st_async pushes); each completes once per iteration.
+  __shared__ alignas(8) unsigned long long merge_bar[2];
+  const uint32_t cbar = smem_addr(&merge_bar[0]), ybar = smem_addr(&merge_bar[1]);
+  if (tid == 0) {
+    if (bulk)
+      for (int c = 0; c * rc < rows_here; ++c) mbar_init(smem_addr(&slab_bar[c]), 1u);
+    mbar_init(cbar, 1u);
+    mbar_init(ybar, 1u);
+    mbar_init_fence();  // visible cluster-wide by the time the peers pass cluster_wait
   }
   for (int j = tid; j < ldm; j += NT) gv[j] = 0.0f;
-  for (int r = tid; r < rows_here; r += NT) fv[r] = 0.0f;
+  for (int r = tid; r < rows_here; r += NT) fb[r] = 0.0f;
   if (a.ready && tid == 0) {
     const int want = n * m;
     int got;
@@ -268,8 +285,21 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   // g layout: L lanes per column (a power of 2 dividing cs) so a CTA's columns take one round.
   int L = cs;
   while (L > 1 && (Mc * L > NT)) L >>= 1;
+  // Pushes per iteration: into cbar, every CTA's sums of this CTA's columns and its violation and
+  // largest u; into ybar, g and y of every column.
+  const uint32_t cbytes = uint32_t(cs) * 4u * uint32_t(max(0, j1 - j0) + 2), ybytes = uint32_t(m) * 8u;
+  int ysent = 0, ywaited = 0;  // ybar phases pushed / waited for
+  const float* fres = fb;      // f of the plan the outputs describe
   for (int t = 1; t <= last; ++t) {
     float vloc = 0.0f, uw = 1.0f;  // this warp's violation and largest u
+    float* fv = fb + ((t - 1) & 1) * R;  // f before this iteration
+    float* fn = fb + (t & 1) * R;        // f' (double-buffered: peers' exact column paths read it
+                                         // while this CTA may already run the next row pass)
+    if (t >= 2) mbar_wait(ybar, uint32_t(ywaited++ & 1));  // g and y of iteration t - 1
+    if (tid == 0 && t <= a.n_iters) {  // after the wait, so the arrival counts for this phase
+      mbar_arrive_expect_tx(cbar, cbytes);
+      mbar_arrive_expect_tx(ybar, ybytes);
+    }
     // Rows r0, r0 + NW, ... (NR of them, a compile-time count so no lane works on a copy); QM:
     // the slab holds Q (t >= 2), else C with g = 0 (t = 1).
     auto row_pass = [&](auto nr, auto qm, int r0) {
@@ -315,7 +345,7 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       for (int u = 0; u < NR; ++u) {
         const int r = r0 + u * NW, i = i0 + r;
         const bool ok = QM ? tot[u] >= yfloor && tot[u] <= 0x1p100f : shifted_sum_ok(tot[u]);  // warp-uniform
-        const float lse = !ok ? row_lse_exact(Cg + (long long)i * m, m, ns, gv, Mc, QM) : QM ? lb_max - Fv[r] + log2f(tot[u]) : log2f(tot[u]);
+        const float lse = !ok ? row_lse_exact(Cg + (long long)i * m, m, ns, QM ? gv : nullptr) : QM ? lb_max - Fv[r] + log2f(tot[u]) : log2f(tot[u]);
         const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
         const float ratio = exp2f(fv[r] - la + lse);
         const float f2 = la - lse;
@@ -360,8 +390,8 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       float v = 0.0f, um = 1.0f;
       for (int w = 0; w < NW; ++w) v += wred[w], um = fmaxf(um, wumx[w]);
       for (int q = 0; q < cs; ++q) {
-        if (check) *cluster.map_shared_rank(vred + rank, q) = v;
-        *cluster.map_shared_rank(umx + rank, q) = um;
+        st_async(smem_addr(vred + rank), check ? v : 0.0f, cbar, q);
+        st_async(smem_addr(umx + rank), um, cbar, q);
       }
     }
     // Column sums, row group h of column group c4 taking rows h, h + H, ...; group 0 writes
@@ -403,17 +433,21 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       float s = csum[j];
       for (int h = 1; h < H; ++h) s += cpart[(h - 1) * size_t(ldm) + j];
       const int o = j / Mc;
-      *cluster.map_shared_rank(cin + rank * Mc + (j - o * Mc), o) = s;
+      st_async(smem_addr(cin + rank * Mc + (j - o * Mc)), s, cbar, o);
     }
-    cluster.sync();  // column sums, violations and u maxima visible cluster-wide
+    mbar_wait(cbar, uint32_t((t - 1) & 1));  // this CTA's column sums, every violation and u max
     if (check) {
       float v = 0.0f;
       for (int q = 0; q < cs; ++q) v += vred[q];
-      if (v < a.tol) break;  // the plan (f, g) is kept, and its scores are already written
+      if (v < a.tol) {
+        fres = fv;  // the plan (f, g) is kept, and its scores are already written
+        break;
+      }
     }
     float ufloor = 1.0f;
     for (int q = 0; q < cs; ++q) ufloor = fmaxf(ufloor, umx[q]);
     ufloor *= 0x1p-64f;
+    __syncthreads();  // vred and umx are read before any g, y push lets a peer refill them
     // g of this CTA's columns: L adjacent lanes per column sum the cs slabs' sums in a fixed
     // order (so the result does not depend on timing), and the lane that summed CTA q's sum
     // writes y into CTA q. L divides 32. A sum that may have lost precision is recomputed
@@ -444,13 +478,18 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       if (here) {
         const float lb = a.log_b ? a.log_b[sg.col_off + j] * kLog2e : lb_u;
         const float gj = lb - lse, yj = exp2f(gj + la_max - lb_max);
-        if (l == 0) gv[j] = gj;
-        for (int q = l; q < cs; q += L) *cluster.map_shared_rank(yv + j, q) = yj;
+        for (int q = l; q < cs; q += L) {
+          st_async(smem_addr(gv + j), gj, ybar, q);
+          st_async(smem_addr(yv + j), yj, ybar, q);
+        }
       }
     }
-    for (int r = tid; r < rows_here; r += NT) fv[r] = fn[r];
-    cluster.sync();  // y is published; the partials may be overwritten
+    // No barrier: a peer pushes into cin again only after it has every g and y of this
+    // iteration, which this CTA sends after reading cin; likewise for vred, umx, gv and yv.
+    ++ysent;
+    fres = fn;
   }
+  if (ysent > ywaited) mbar_wait(ybar, uint32_t(ywaited & 1));  // no push may land after exit
 
   // 3. Outputs, back in natural units. Scores leave only now: a global store inside the loop
   //    would make every cluster barrier's release wait for it.
@@ -461,7 +500,7 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       if (a.kept) *cluster.map_shared_rank(sc_all + i0 + r, 0) = scl[r];
     }
   if (a.f)
-    for (int r = tid; r < rows_here; r += NT) a.f[sg.row_off + i0 + r] = fv[r] * a.eps * kLn2;
+    for (int r = tid; r < rows_here; r += NT) a.f[sg.row_off + i0 + r] = fres[r] * a.eps * kLn2;
   if (a.g)
     for (int j = j0 + tid; j < j1; j += NT) a.g[sg.col_off + j] = gv[j] * a.eps * kLn2;
   cluster.sync();  // the scores have reached CTA 0; no CTA leaves while others may touch its memory
