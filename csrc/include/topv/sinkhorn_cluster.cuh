@@ -14,7 +14,8 @@
 //   y_j = exp2(g_j + la_max - lb_max), so every later pass is a matrix-vector product:
 //   LSE2_j(K_ij + g_j) = lb_max - F_i + log2 sum_j Q_ij y_j, LSE2_i(K_ij + f_i) = la_max +
 //   log2 sum_i Q_ij u_i. That is an FMA per element instead of an FMA, an add and an ex2 (MUFU
-//   runs at 1/8 of the FMA rate and bounded every pass); 2 of prune's 7 passes still exponentiate.
+//   issues at 1/8 of the FMA rate); 2 of prune's 7 passes still exponentiate. (The passes are
+//   mostly latency-bound at 4 warps per scheduler, so this gains less than the op count says.)
 //   The potentials stay the state (u and y are recomputed from them every pass), so nothing drifts.
 // * Where a sum may have lost precision it is redone exactly, max first, from C in global memory:
 //   Q entries and products below 2^-126 flush to zero, which changes a row sum by at most
