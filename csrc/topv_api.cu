@@ -292,7 +292,7 @@ std::vector<Group> make_groups(const PruneArgs& a, size_t cap_bytes) {
 struct PruneWs {
   float *f, *g, *fnew, *viol, *colmax, *colsum, *C, *sq;
   int* done;
-  int* ready;  // per segment: C elements the GEMM has stored (on-chip groups without split-K)
+  int* ready;  // per segment: C elements stored so far (by the on-chip groups' GEMM or split-K reduction)
   size_t bytes;
 };
 

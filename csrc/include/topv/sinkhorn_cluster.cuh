@@ -278,7 +278,9 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
   }
   cluster_wait();
 
-  // 2. The passes. Every remote access lies between two cluster barriers that all CTAs reach.
+  // 2. The passes. Remote accesses: st.async pushes, ordered by the receivers' mbarriers; the
+  //    exact column path's reads of a peer's f' (double-buffered); the scores pushed to CTA 0
+  //    before the closing cluster barrier.
   const int last = a.score ? a.n_iters + 1 : a.n_iters;
   const float4* y4 = reinterpret_cast<const float4*>(yv);
   // Column pass layout: H row groups of threads over the Q4 float4 column groups.
