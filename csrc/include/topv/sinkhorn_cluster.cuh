@@ -348,7 +348,9 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       for (int u = 0; u < NR; ++u) {
         const int r = r0 + u * NW, i = i0 + r;
         const bool ok = QM ? tot[u] >= yfloor && tot[u] <= 0x1p100f : shifted_sum_ok(tot[u]);  // warp-uniform
-        const float lse = !ok ? row_lse_exact(Cg + (long long)i * m, m, ns, QM ? gv : nullptr) : QM ? lb_max - Fv[r] + log2f(tot[u]) : log2f(tot[u]);
+        const float lse = !ok ? row_lse_exact(Cg + (long long)i * m, m, ns, QM ? gv : nullptr)
+                          : QM  ? lb_max - Fv[r] + log2f(tot[u])
+                                : log2f(tot[u]);
         const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
         const float ratio = exp2f(fv[r] - la + lse);
         const float f2 = la - lse;
@@ -453,7 +455,7 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
     __syncthreads();  // vred and umx are read before any g, y push lets a peer refill them
     // g of this CTA's columns: L adjacent lanes per column sum the cs slabs' sums in a fixed
     // order (so the result does not depend on timing), and the lane that summed CTA q's sum
-    // writes y into CTA q. L divides 32. A sum that may have lost precision is recomputed
+    // pushes g and y into CTA q. L divides 32. A sum that may have lost precision is recomputed
     // exactly from C (a rare path; all lanes of the warp take it together).
     for (int base = j0; base < j1; base += NT / L) {
       const int j = base + tid / L, l = tid % L;
