@@ -1,9 +1,15 @@
 // C++ CPU kernels of the topv native ops (backend="cpp"), registered for the CPU key.
 //
-// The math is docs/algorithm.md. The cost GEMM goes to ATen's BLAS (MKL / oneDNN on x86): it is
-// the one part a hand loop cannot match. Everything after the GEMM (epilogue, Sinkhorn passes,
-// scores, selection) is plain loops that the compiler vectorises (a branch-free exp, `omp simd`
-// reductions) and at::parallel_for spreads over rows, columns or segments.
+// The math is docs/algorithm.md. The cost GEMM: bfloat16 inputs on a CPU with AVX512-BF16 (Zen 4+,
+// Cooper Lake, Sapphire Rapids+) use our own kernel below, which feeds the bf16 values straight
+// into vdpbf16ps (exact products, float32 sums, float32 output) and applies the cost epilogue to
+// each block of rows while it is in L1; ATen offers no bf16 x bf16 -> fp32 GEMM on CPU (its bf16 mm
+// rounds the output to bf16, and the brgemm ukernel needs AMX), and upcasting to fp32 for MKL costs
+// twice the FLOP time. Every other input goes to ATen's fp32 BLAS (MKL runs near the fp32 FMA peak,
+// so an fp32 input cannot get much faster than the reference's own GEMM). Everything after the GEMM
+// (Sinkhorn passes, scores, selection) is plain loops that the compiler vectorises (a branch-free
+// exp, `omp simd` reductions) and at::parallel_for spreads over rows, columns or segments; Sinkhorn
+// turns all but its first pass into matrix-vector products (see "The fast form" below).
 //
 // Sinkhorn follows the fast-path contract of the spec: with tol > 0 the row pass that starts
 // iteration t+1 also measures the plan violation of iteration t, Σ_i a_i |exp((f_i - f'_i)/ε) - 1|;
@@ -19,8 +25,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TOPV_BF16_GEMM 1
+#endif
 
 // The hot loops below compare floats (clamps, maxima); GCC if-converts them into vector selects
 // only when it may assume that comparisons do not trap, so those few leaf functions (never on
@@ -122,16 +134,149 @@ struct Result {
   float* score;  // (n,) or nullptr
 };
 
+// Scratch buffers (the cost of a prune segment, Sinkhorn's E, the packed GEMM operand) that each
+// thread keeps between calls: fresh pages from the OS fault in at ~1 µs each, which measured ~0.35
+// ms of a 2.1 ms prune at n = 576 when other work had freed memory in between. Buffers up to
+// kKeptScratchBytes stay with the thread; larger ones are allocated per call.
+enum class Scratch { kCost, kPlan, kPacked, kCount };
+constexpr size_t kKeptScratchBytes = size_t{32} << 20;
+
+class ScratchBuffer {
+ public:
+  // 64-byte aligned room for `count` elements of T, valid until the next get() of this slot on this
+  // thread, or until this object goes for a per-call buffer.
+  template <typename T>
+  T* get(Scratch slot, size_t count) {
+    const size_t bytes = count * sizeof(T) + 64;  // room to align
+    Slot& buf = bytes <= kKeptScratchBytes ? kept()[static_cast<int>(slot)] : own_;
+    if (buf.size < bytes) {
+      buf.data.reset(new unsigned char[bytes]);
+      buf.size = bytes;
+    }
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(buf.data.get());
+    return reinterpret_cast<T*>(buf.data.get() + (64 - addr % 64) % 64);
+  }
+
+ private:
+  struct Slot {
+    std::unique_ptr<unsigned char[]> data;
+    size_t size = 0;
+  };
+  static Slot* kept() {
+    thread_local Slot slots[static_cast<int>(Scratch::kCount)];
+    return slots;
+  }
+  Slot own_;
+};
+
+// The exact passes: log-sum-exps over C, max first. They run for every pass where the fast form
+// below could lose precision.
+
+// f'_i = eps (log a_i - LSE_j((g_j - C_ij)/eps)) for one row; returns the LSE.
+float row_lse_exact(const Problem& P, int64_t i, const float* g, float inv_eps) {
+  float mx, s;
+  row_lse(P.C + i * P.m, g, P.m, inv_eps, mx, s);
+  return mx + std::log(s);
+}
+
+// LSE_i((f_i - C_ij)/eps) for the columns [j0, j0 + w); loops run along rows of C so the inner
+// loop over j is contiguous and vectorises.
+void col_lse_exact(const Problem& P, const float* f, float inv_eps, int64_t j0, int64_t w, float* lse) {
+  std::vector<float> mx(w, -std::numeric_limits<float>::infinity()), s(w, 0.0f);
+  for (int64_t i = 0; i < P.n; ++i) col_max_row(mx.data(), P.C + i * P.m + j0, f[i], inv_eps, w);
+  for (int64_t i = 0; i < P.n; ++i) col_sum_row(s.data(), mx.data(), P.C + i * P.m + j0, f[i], inv_eps, w);
+  for (int64_t j = 0; j < w; ++j) lse[j] = mx[j] + std::log(s[j]);
+}
+
+// The fast form. With K = -C/eps, the first row pass (g = 0) takes the row maxima M_i = max_j K_ij
+// and keeps E_ij = exp(K_ij - M_i) (in [0, 1], 1 at each row's maximum). Every later log-sum-exp
+// is then a matrix-vector product with E, an FMA per element instead of an exp:
+//   LSE_j(K_ij + g_j/eps) = M_i + gmax + log sum_j E_ij y_j,  y_j = exp(g_j/eps - gmax),
+//   LSE_i(K_ij + f_i/eps) = hmax + log sum_i E_ij w_i,      w_i = exp(M_i + f_i/eps - hmax),
+// gmax and hmax being the maxima of the exponents, so y, w <= 1 with a 1 among them. The
+// potentials stay the state (y and w are recomputed from them each pass), so nothing drifts.
+// Entries of E, y, w or their products below exp(-87) (vexp's floor) are off by at most that much,
+// which moves a sum by at most len * exp(-87); a sum below 2^-64 (where that could matter), or not
+// finite (non-finite input), is redone by the exact pass. The same as the GPU cluster kernel
+// (csrc/include/topv/sinkhorn_cluster.cuh), with E for its Q.
+constexpr float kMinFastSum = 5.421010862427522e-20f;  // 2^-64
+
+bool fast_sum_ok(float x) { return x >= kMinFastSum && x <= std::numeric_limits<float>::max(); }
+
+TOPV_VEC_CLONES float dot_row(const float* e, const float* y, int64_t m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += e[j] * y[j];
+  return s;
+}
+
+TOPV_VEC_CLONES void axpy_row(float* acc, const float* e, float w, int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) acc[j] += w * e[j];
+}
+
+// exp(v[k] - vmax) into out; returns vmax (NaN in v makes the callers' sums NaN: exact path).
+TOPV_VEC_CLONES float shifted_exp(const float* v, float scale, int64_t len, float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < len; ++k) {
+    const float x = v[k] * scale;
+    mx = x > mx ? x : mx;
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) out[k] = vexp(v[k] * scale - mx);
+  return mx;
+}
+
+// E's row i: e_j = exp(-c_j/eps - M_i) with M_i = max_j -c_j/eps; returns the row sum.
+TOPV_VEC_CLONES float exp_row(float* e, const float* c, int64_t m, float inv_eps, float& mx_out) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) {
+    const float v = -c[j] * inv_eps;
+    mx = v > mx ? v : mx;
+  }
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) {
+    const float v = vexp(-c[j] * inv_eps - mx);
+    e[j] = v;
+    s += v;
+  }
+  mx_out = mx;
+  return s;
+}
+
+struct FastState {
+  ScratchBuffer scratch;
+  float* E;                 // (n, m), every element written by the first row pass
+  std::vector<float> M;     // (n,)
+  std::vector<float> y, w;  // (m,) and (n,)
+  explicit FastState(const Problem& P)
+      : E(scratch.get<float>(Scratch::kPlan, static_cast<size_t>(P.n * P.m))), M(P.n), y(P.m), w(P.n) {}
+};
+
+// The first row pass (g = 0, exact): f'_i = eps (log a_i - M_i - log sum_j E_ij), filling E and M.
+void first_row_pass(const Problem& P, float eps, FastState& S, float* f_next) {
+  const float inv_eps = 1.0f / eps, la_uniform = -std::log(static_cast<float>(P.n));
+  at::parallel_for(0, P.n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float s = exp_row(S.E + i * P.m, P.C + i * P.m, P.m, inv_eps, S.M[i]);
+      const float la = P.log_a ? P.log_a[i] : la_uniform;
+      f_next[i] = eps * (la - (S.M[i] + std::log(s)));
+    }
+  });
+}
+
 // f'_i = eps (log a_i - LSE_j((g_j - C_ij)/eps)); also ratio_i = exp((f_i - f'_i)/eps) (the row
 // mass of the plan (f, g) over a_i). Rows in parallel.
-void row_pass(const Problem& P, const float* f, const float* g, float eps, float* f_next, float* ratio) {
-  const float inv_eps = 1.0f / eps;
-  const float la_uniform = -std::log(static_cast<float>(P.n));
-  at::parallel_for(0, P.n, 64, [&](int64_t i0, int64_t i1) {
+void row_pass(const Problem& P, FastState& S, const float* f, const float* g, float eps, float* f_next, float* ratio) {
+  const float inv_eps = 1.0f / eps, la_uniform = -std::log(static_cast<float>(P.n));
+  const float gmax = shifted_exp(g, inv_eps, P.m, S.y.data());
+  at::parallel_for(0, P.n, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      float mx, s;
-      row_lse(P.C + i * P.m, g, P.m, inv_eps, mx, s);
-      const float lse = mx + std::log(s);
+      const float sum = dot_row(S.E + i * P.m, S.y.data(), P.m);
+      const float lse = fast_sum_ok(sum) ? S.M[i] + gmax + std::log(sum) : row_lse_exact(P, i, g, inv_eps);
       const float la = P.log_a ? P.log_a[i] : la_uniform;
       f_next[i] = eps * (la - lse);
       if (ratio) ratio[i] = std::exp(f[i] * inv_eps - la + lse);
@@ -140,38 +285,45 @@ void row_pass(const Problem& P, const float* f, const float* g, float eps, float
 }
 
 // g_j = eps (log b_j - LSE_i((f_i - C_ij)/eps)). Column blocks in parallel; within a block the
-// loops run along rows of C so the inner loop over j is contiguous and vectorises.
-void col_pass(const Problem& P, const float* f, float eps, float* g) {
-  const float inv_eps = 1.0f / eps;
-  const float lb_uniform = -std::log(static_cast<float>(P.m));
+// loops run along rows of E so the inner loop over j is contiguous and vectorises.
+void col_pass(const Problem& P, FastState& S, const float* f, float eps, float* g) {
+  const float inv_eps = 1.0f / eps, lb_uniform = -std::log(static_cast<float>(P.m));
+  std::vector<float> h(P.n);
+  for (int64_t i = 0; i < P.n; ++i) h[i] = S.M[i] + f[i] * inv_eps;
+  const float hmax = shifted_exp(h.data(), 1.0f, P.n, S.w.data());
   at::parallel_for(0, P.m, 256, [&](int64_t j0, int64_t j1) {
     const int64_t w = j1 - j0;
-    std::vector<float> mx(w, -std::numeric_limits<float>::infinity()), s(w, 0.0f);
-    for (int64_t i = 0; i < P.n; ++i) {
-      col_max_row(mx.data(), P.C + i * P.m + j0, f[i], inv_eps, w);
-    }
-    for (int64_t i = 0; i < P.n; ++i) {
-      col_sum_row(s.data(), mx.data(), P.C + i * P.m + j0, f[i], inv_eps, w);
-    }
+    std::vector<float> sum(w, 0.0f), lse(w);
+    for (int64_t i = 0; i < P.n; ++i) axpy_row(sum.data(), S.E + i * P.m + j0, S.w[i], w);
+    bool exact = false;
     for (int64_t j = 0; j < w; ++j) {
-      const float lb = P.log_b ? P.log_b[j0 + j] : lb_uniform;
-      g[j0 + j] = eps * (lb - (mx[j] + std::log(s[j])));
+      lse[j] = hmax + std::log(sum[j]);
+      exact |= !fast_sum_ok(sum[j]);
     }
+    if (exact) {  // rare (see above): redo the block's columns that need it from C
+      std::vector<float> lse_exact(w);
+      col_lse_exact(P, f, inv_eps, j0, w, lse_exact.data());
+      for (int64_t j = 0; j < w; ++j)
+        if (!fast_sum_ok(sum[j])) lse[j] = lse_exact[j];
+    }
+    for (int64_t j = 0; j < w; ++j) g[j0 + j] = eps * ((P.log_b ? P.log_b[j0 + j] : lb_uniform) - lse[j]);
   });
 }
 
 void sinkhorn(const Problem& P, float eps, int64_t n_iters, float tol, const Result& R) {
+  FastState S(P);
   std::fill(R.f, R.f + P.n, 0.0f);
   std::fill(R.g, R.g + P.m, 0.0f);
   std::vector<float> f_next(P.n), ratio(P.n);
-  bool have_next = false;  // f_next already holds the f update from the current g
+  first_row_pass(P, eps, S, f_next.data());
+  bool have_next = true;  // f_next already holds the f update from the current g
   for (int64_t t = 0; t < n_iters; ++t) {
-    if (!have_next) row_pass(P, R.f, R.g, eps, f_next.data(), nullptr);
+    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), nullptr);
     std::copy(f_next.begin(), f_next.end(), R.f);
-    col_pass(P, R.f, eps, R.g);
+    col_pass(P, S, R.f, eps, R.g);
     have_next = false;
     if (tol > 0) {
-      row_pass(P, R.f, R.g, eps, f_next.data(), ratio.data());
+      row_pass(P, S, R.f, R.g, eps, f_next.data(), ratio.data());
       have_next = true;
       double viol = 0.0;
       for (int64_t i = 0; i < P.n; ++i) {
@@ -182,7 +334,7 @@ void sinkhorn(const Problem& P, float eps, int64_t n_iters, float tol, const Res
     }
   }
   if (R.score) {
-    if (!have_next) row_pass(P, R.f, R.g, eps, f_next.data(), ratio.data());
+    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), ratio.data());
     // score_i = n a_i exp((f_i - f'_i)/eps)
     for (int64_t i = 0; i < P.n; ++i) {
       const float a = P.log_a ? std::exp(P.log_a[i]) : 1.0f / static_cast<float>(P.n);
@@ -191,19 +343,42 @@ void sinkhorn(const Problem& P, float eps, int64_t n_iters, float tol, const Res
   }
 }
 
-// Inverse L2 norms of the rows of x (rows, d) fp32 (0 for a zero row); returns true when an
-// element is not finite (x - x is NaN exactly for Inf and NaN, and the loop stays vectorisable).
-bool inv_norms(const float* x, int64_t rows, int64_t d, int64_t ld, float* out) {
+// Sum of squares of one row, and a flag sum that is 0 exactly when every element is finite (x - x
+// is NaN for Inf and NaN, and the loop stays vectorisable). bf16 widens to fp32 by a shift.
+TOPV_VEC_CLONES void sumsq_row(const float* p, int64_t d, float& ss_out, float& z_out) {
+  float ss = 0.0f, z = 0.0f;
+#pragma omp simd reduction(+ : ss, z)
+  for (int64_t k = 0; k < d; ++k) {
+    ss += p[k] * p[k];
+    z += p[k] - p[k];
+  }
+  ss_out = ss;
+  z_out = z;
+}
+
+TOPV_VEC_CLONES void sumsq_row(const uint16_t* p, int64_t d, float& ss_out, float& z_out) {
+  float ss = 0.0f, z = 0.0f;
+#pragma omp simd reduction(+ : ss, z)
+  for (int64_t k = 0; k < d; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(p[k]) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    ss += v * v;
+    z += v - v;
+  }
+  ss_out = ss;
+  z_out = z;
+}
+
+// Inverse L2 norms of the rows of x (rows, d), float32 or bfloat16 bits (0 for a zero row);
+// returns true when an element is not finite.
+template <typename T>
+bool inv_norms(const T* x, int64_t rows, int64_t d, int64_t ld, float* out) {
   std::vector<char> bad(rows, 0);
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* p = x + r * ld;
-      float ss = 0.0f, z = 0.0f;
-#pragma omp simd reduction(+ : ss, z)
-      for (int64_t k = 0; k < d; ++k) {
-        ss += p[k] * p[k];
-        z += p[k] - p[k];
-      }
+      float ss, z;
+      sumsq_row(x + r * ld, d, ss, z);
       const float nrm = std::sqrt(ss);
       out[r] = nrm > 0.0f ? 1.0f / nrm : 0.0f;
       bad[r] = !(z == 0.0f);
@@ -212,37 +387,157 @@ bool inv_norms(const float* x, int64_t rows, int64_t d, int64_t ld, float* out) 
   return std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
 }
 
-// Cost epilogue on one row block: c holds s_i . t_j on entry and C_ij on exit.
-void cost_epilogue(float* c, int64_t n, int64_t m, const float* s_inv, const float* t_inv, const float* p,
-                   int64_t p_ld, const float* q, int64_t q_ld, float alpha, float beta, float gamma, float sigma) {
-  const float neg_inv_2s2 = -1.0f / (2.0f * sigma * sigma);
-  // q as two contiguous coordinate arrays so the inner loop is unit-stride.
-  std::vector<float> qr(m), qc(m);
-  for (int64_t j = 0; j < m; ++j) {
-    qr[j] = q[j * q_ld];
-    qc[j] = q[j * q_ld + 1];
+// What the cost epilogue needs besides s_i . t_j: inverse norms and positions of one block.
+struct Epilogue {
+  std::vector<float> s_inv, t_inv, qr, qc, pr, pc, centre;
+  float ha, beta, neg_inv_2s2;
+
+  Epilogue(int64_t n, int64_t m, const float* p, int64_t p_ld, const float* q, int64_t q_ld, float alpha, float beta_,
+           float gamma, float sigma)
+      : s_inv(n), t_inv(m), qr(m), qc(m), pr(n), pc(n), centre(n), ha(0.5f * alpha), beta(beta_),
+        neg_inv_2s2(-1.0f / (2.0f * sigma * sigma)) {
+    // Coordinates as contiguous arrays so the inner loop is unit-stride.
+    for (int64_t j = 0; j < m; ++j) {
+      qr[j] = q[j * q_ld];
+      qc[j] = q[j * q_ld + 1];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      pr[i] = p[i * p_ld];
+      pc[i] = p[i * p_ld + 1];
+      const float dr = pr[i] - kCentre, dc = pc[i] - kCentre;
+      centre[i] = gamma * std::sqrt(dr * dr + dc * dc) * kInvMaxCentreDist;
+    }
   }
-  at::parallel_for(0, n, 32, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float* row = c + i * m;
-      const float pr = p[i * p_ld], pc = p[i * p_ld + 1];
-      const float dr = pr - kCentre, dc = pc - kCentre;
-      const float centre = gamma * std::sqrt(dr * dr + dc * dc) * kInvMaxCentreDist;
-      epilogue_row(row, t_inv, qr.data(), qc.data(), m, s_inv[i], pr, pc, 0.5f * alpha, beta, neg_inv_2s2, centre);
+
+  // Rows [i0, i1) x columns [j0, j1) of c (row stride ldc): s_i . t_j on entry, C_ij on exit.
+  void apply(float* c, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    for (int64_t i = i0; i < i1; ++i)
+      epilogue_row(c + i * ldc + j0, t_inv.data() + j0, qr.data() + j0, qc.data() + j0, j1 - j0, s_inv[i], pr[i],
+                   pc[i], ha, beta, neg_inv_2s2, centre[i]);
+  }
+};
+
+#ifdef TOPV_BF16_GEMM
+// bf16 GEMM on AVX512-BF16. Values travel as pairs (2 consecutive k of one row = one uint32), the
+// unit vdpbf16ps works in: acc_j += a_k b_kj + a_{k+1} b_{k+1,j} over 16 columns j. B (= t^T) is
+// packed per panel of kPanel columns as [k pair][column] so a panel row is 3 aligned vectors; A
+// pairs are broadcast from s in place. A tile is R rows x kPanel columns over the whole K: 24
+// accumulators + 3 B vectors + 1 broadcast fit the 32 zmm registers. At n = m = 576, d = 1024 the
+// tiles run at ~95% of the machine's vdpbf16ps peak (bench/results/cpu/NOTES.md).
+constexpr int kVecs = 3;
+constexpr int64_t kPanel = 16 * kVecs;
+constexpr int kRows = 8;
+
+bool cpu_has_bf16_dot() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bf16"))) void bf16_tile(const uint16_t* a, int64_t lda, const uint32_t* b,
+                                                               int64_t k2, float* c, int64_t ldc, int64_t w) {
+  __m512 acc[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < k2; ++kp) {
+    __m512bh bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) bv[v] = (__m512bh)_mm512_load_si512(b + kp * kPanel + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));  // rows of s may start at any 2-byte offset
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t left = w - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask, acc[r][v]);
+  }
+}
+
+using TileFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int64_t);
+constexpr TileFn kTiles[kRows + 1] = {nullptr,      bf16_tile<1>, bf16_tile<2>, bf16_tile<3>, bf16_tile<4>,
+                                      bf16_tile<5>, bf16_tile<6>, bf16_tile<7>, bf16_tile<8>};
+
+// out (n, m) = s (n, d) . t (m, d)^T with the epilogue applied, s and t bf16 with row strides
+// lds, ldt (unit stride on d).
+void bf16_cost_gemm(const uint16_t* s, int64_t lds, int64_t n, const uint16_t* t, int64_t ldt, int64_t m, int64_t d,
+                    const Epilogue& ep, float* out) {
+  const int64_t k2 = (d + 1) / 2;
+  // An odd d leaves a half pair at the end of each row: such an s is copied with a zero after
+  // each row (t's packing below pads the same way).
+  std::vector<uint16_t> s_pad;
+  if (d % 2) {
+    s_pad.assign(n * 2 * k2, 0);
+    for (int64_t i = 0; i < n; ++i) std::memcpy(s_pad.data() + i * 2 * k2, s + i * lds, d * sizeof(uint16_t));
+    s = s_pad.data();
+    lds = 2 * k2;
+  }
+  const int64_t panels = (m + kPanel - 1) / kPanel, panel_size = k2 * kPanel;
+  ScratchBuffer scratch;
+  uint32_t* bp = scratch.get<uint32_t>(Scratch::kPacked, static_cast<size_t>(panels * panel_size));
+  // In blocks of 16 pairs: the reads are a cache line of each of the panel's rows of t, the writes
+  // 16 rows of the panel (3 KB), both within L1.
+  constexpr int64_t kPackBlock = 16;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      uint32_t* dst = bp + p * panel_size;
+      for (int64_t kb = 0; kb < k2; kb += kPackBlock) {
+        const int64_t kn = std::min(kPackBlock, k2 - kb);
+        for (int64_t c = 0; c < kPanel; ++c) {
+          const int64_t j = p * kPanel + c;
+          const uint16_t* row = t + j * ldt;
+          for (int64_t kp = kb; kp < kb + kn; ++kp) {
+            uint32_t lo = 0, hi = 0;
+            if (j < m) {
+              lo = row[2 * kp];
+              hi = 2 * kp + 1 < d ? row[2 * kp + 1] : 0;
+            }
+            dst[kp * kPanel + c] = lo | (hi << 16);
+          }
+        }
+      }
+    }
+  });
+  // A thread takes a block of kRows rows of s across every panel (packed t, K/2 x m x 4 bytes, stays
+  // in L2), then applies the epilogue to those full rows while they are in L1.
+  const int64_t row_blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kRows, rows = std::min<int64_t>(kRows, n - i0);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t j0 = p * kPanel;
+        kTiles[rows](s + i0 * lds, lds, bp + p * panel_size, k2, out + i0 * m + j0, m, std::min(kPanel, m - j0));
+      }
+      ep.apply(out, m, i0, i0 + rows, 0, m);
     }
   });
 }
+#endif
 
-// C (n, m) = cost of s (n, d) against t (m, d), both fp32 with unit stride on d.
+// C (n, m) = cost of s (n, d) against t (m, d), both float32 or both bfloat16 (as gemm_rows makes
+// them: bf16 only where the bf16 kernel exists), unit stride on d.
 bool cost_block(const at::Tensor& s, const at::Tensor& t, const float* p, int64_t p_ld, const float* q, int64_t q_ld,
                 float alpha, float beta, float gamma, float sigma, float* out) {
   const int64_t n = s.size(0), m = t.size(0), d = s.size(1);
-  std::vector<float> s_inv(n), t_inv(m);
-  bool bad = inv_norms(s.data_ptr<float>(), n, d, s.stride(0), s_inv.data());
-  bad |= inv_norms(t.data_ptr<float>(), m, d, t.stride(0), t_inv.data());
+  Epilogue ep(n, m, p, p_ld, q, q_ld, alpha, beta, gamma, sigma);
+#ifdef TOPV_BF16_GEMM
+  if (s.scalar_type() == at::kBFloat16) {
+    const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
+    const auto* tp = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+    bool bad = inv_norms(sp, n, d, s.stride(0), ep.s_inv.data());
+    bad |= inv_norms(tp, m, d, t.stride(0), ep.t_inv.data());
+    bf16_cost_gemm(sp, s.stride(0), n, tp, t.stride(0), m, d, ep, out);
+    return bad;
+  }
+#endif
+  bool bad = inv_norms(s.data_ptr<float>(), n, d, s.stride(0), ep.s_inv.data());
+  bad |= inv_norms(t.data_ptr<float>(), m, d, t.stride(0), ep.t_inv.data());
   at::Tensor c = at::from_blob(out, {n, m}, s.options());
   at::mm_out(c, s, t.t());
-  cost_epilogue(out, n, m, s_inv.data(), t_inv.data(), p, p_ld, q, q_ld, alpha, beta, gamma, sigma);
+  at::parallel_for(0, n, 32, [&](int64_t i0, int64_t i1) { ep.apply(out, m, i0, i1, 0, m); });
   return bad;
 }
 
@@ -292,8 +587,14 @@ void check_features(const at::Tensor& x, const char* name) {
               " must be float32, float16 or bfloat16, got ", dt);
 }
 
-at::Tensor rows_f32(const at::Tensor& x) {
+// The features as the GEMM takes them: bf16 as they are where the CPU has the bf16 dot product,
+// else float32; unit stride on d.
+at::Tensor gemm_rows(const at::Tensor& x) {
+#ifdef TOPV_BF16_GEMM
+  at::Tensor y = x.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot() ? x : x.to(at::kFloat);
+#else
   at::Tensor y = x.to(at::kFloat);
+#endif
   return y.stride(-1) == 1 ? y : y.contiguous();
 }
 
@@ -312,7 +613,7 @@ at::Tensor cost_matrix_cpu(const at::Tensor& source, const at::Tensor& target, c
   TORCH_CHECK(tgt_pos.sizes() == at::IntArrayRef({B, m, 2}) && tgt_pos.scalar_type() == at::kFloat,
               "topv (cpp): tgt_pos must be float32 (B, m, 2) = (", B, ", ", m, ", 2), got ", tgt_pos.sizes(), " ",
               tgt_pos.scalar_type());
-  const at::Tensor s = rows_f32(source), t = rows_f32(target);
+  const at::Tensor s = gemm_rows(source), t = gemm_rows(target);
   const at::Tensor p = src_pos.contiguous(), q = tgt_pos.contiguous();
   at::Tensor out = at::empty({B, n, m}, source.options().dtype(at::kFloat));
   for (int64_t b = 0; b < B; ++b)
@@ -385,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
   TORCH_CHECK(eps > 0 && n_iters >= 1 && tol >= 0 && recover_ratio >= 0 && recover_ratio < 1,
               "topv (cpp): need eps > 0, n_iters >= 1, tol >= 0, 0 <= recover_ratio < 1");
 
-  const at::Tensor s = rows_f32(source), t = rows_f32(target), pos = positions.contiguous();
+  const at::Tensor s = gemm_rows(source), t = gemm_rows(target), pos = positions.contiguous();
   at::Tensor kept = at::empty({total_keep}, source.options().dtype(at::kLong));
   at::Tensor scores = at::empty({T}, source.options().dtype(at::kFloat));
   at::Tensor nonfinite = at::zeros({1}, source.options().dtype(at::kInt));
@@ -401,10 +702,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
   at::parallel_for(0, S, S >= at::get_num_threads() ? 1 : S, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t n = seg_lens[k], a = starts[k];
-      std::vector<float> C(n * n), f(n), g(n);
+      ScratchBuffer scratch;
+      float* C = scratch.get<float>(Scratch::kCost, static_cast<size_t>(n * n));
+      std::vector<float> f(n), g(n);
       const float* p = P + (positions.size(0) == T ? a * 2 : 0);
-      bad[k] = cost_block(s.narrow(0, a, n), t.narrow(0, a, n), p, 2, p, 2, alpha, beta, gamma, sigma, C.data());
-      sinkhorn(Problem{C.data(), n, n, nullptr, nullptr}, eps, n_iters, tol,
+      bad[k] = cost_block(s.narrow(0, a, n), t.narrow(0, a, n), p, 2, p, 2, alpha, beta, gamma, sigma, C);
+      sinkhorn(Problem{C, n, n, nullptr, nullptr}, eps, n_iters, tol,
                Result{f.data(), g.data(), scores.data_ptr<float>() + a});
       select(scores.data_ptr<float>() + a, n, keep[k], recover_ratio, padded ? 0 : a,
              kept.data_ptr<int64_t>() + out_starts[k]);

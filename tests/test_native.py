@@ -232,14 +232,19 @@ def test_sinkhorn_native_matches_oracle(device, marginals, sinkhorn_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shift, eps", [(0.0, 0.003), (-8.0, 0.05)], ids=["tiny-eps", "negative-cost"])
-def test_sinkhorn_native_extreme_costs(device, shift, eps, sinkhorn_path):
-    """The on-chip kernel sums exp2 against a bound instead of the max and redoes a row or column
-    with its max when the sum leaves the safe range. These costs take that path: a tiny eps puts
-    some columns' mass 2^-64 below the bound, and negative costs break the first row pass's bound
-    (K <= 0). Every path must still match the oracle."""
+@pytest.mark.parametrize("shift, eps, far", [(0.0, 0.003, False), (-8.0, 0.05, False), (0.0, 0.003, True)],
+                         ids=["tiny-eps", "negative-cost", "far-column"])
+def test_sinkhorn_native_extreme_costs(device, shift, eps, far, sinkhorn_path):
+    """The on-chip CUDA kernel and the C++ CPU kernels take most log-sum-exps as matrix-vector
+    products against a bound instead of the max, and redo a row or column exactly (max first)
+    when the sum leaves the safe range. These costs take that path: a tiny eps puts some columns'
+    mass 2^-64 below the bound, negative costs break the first row pass's bound (K <= 0), and a
+    column far above every row's minimum has sums that underflow outright (then, once g has
+    pulled that column in, so do the rows' sums). Every path must still match the oracle."""
     B, n, m = 2, 45, 70
     C = torch.rand(B, n, m, generator=_gen(6), dtype=torch.float64) * (2 if shift == 0 else 4) + shift
+    if far:
+        C[:, :, 5] += 1.5
     f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), None, None, eps, 5, 0.0)
     ref = [reference.sinkhorn(C[k:k + 1], eps=eps, n_iters=5) for k in range(B)]
     assert torch.isfinite(f).all() and torch.isfinite(gg).all()
