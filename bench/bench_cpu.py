@@ -44,7 +44,9 @@ def cpu_environment() -> dict:
                     flags = set(value.split())
     except OSError:
         pass
-    env.update(cpu=model, threads=torch.get_num_threads(),
+    blas = [line.strip() for line in torch.__config__.show().splitlines() if "Math Kernel Library" in line
+            or "MKL-DNN" in line or "oneDNN" in line or "OpenBLAS" in line]
+    env.update(cpu=model, threads=torch.get_num_threads(), blas="; ".join(blas),
                cpu_flags=" ".join(sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))))
     return env
 

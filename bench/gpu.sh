@@ -3,8 +3,8 @@
 # test suite (CUDA tests included), the CUDA sanitizer, and the benchmarks; logs and results go
 # to $OUT (or bench/results/gpu-latest when OUT is unset).
 #
-#   bash bench/gpu.sh [tests] [native] [kernels] [e2e-llava] [e2e-qwen]   (no argument: all of them;
-#   all of them take ~20 minutes, so split them across calls when a call is capped at 10)
+#   bash bench/gpu.sh [tests] [native] [kernels] [cpu] [e2e-llava] [e2e-qwen]   (no argument: all of
+#   them; all of them take ~20 minutes, so split them across calls when a call is capped at 10)
 #
 # POT is not installed on the GPU machine: carry its wheel in .whl/ (see README) for the Sinkhorn
 # benchmark's POT column.
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-steps=${*:-tests native kernels e2e-llava e2e-qwen}
+steps=${*:-tests native kernels cpu e2e-llava e2e-qwen}
 status=0
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -47,6 +47,10 @@ for step in $steps; do
         python3 bench/bench_prune.py --out "$OUT/prune" >"$OUT/bench_prune.log" 2>&1 || status=1
         python3 bench/bench_sinkhorn.py --out "$OUT/sinkhorn" >"$OUT/bench_sinkhorn.log" 2>&1 || status=1
         tail -n +3 "$OUT/bench_prune.log" | grep -v "^#" | tail -45 ;;
+    cpu)
+        # The C++ CPU kernels against the eager reference on this machine's host CPU.
+        python3 bench/bench_cpu.py --rounds 20 --out "$OUT/cpu_prune" >"$OUT/bench_cpu.log" 2>&1 || status=1
+        tail -n 24 "$OUT/bench_cpu.log" ;;
     e2e-llava|e2e-qwen)
         setup=$([ "$step" = e2e-llava ] && echo llava7b || echo qwen2vl7b)
         python3 bench/bench_e2e.py --setups "$setup" --new-tokens "${E2E_NEW_TOKENS:-256}" --out "$OUT/$step" \
