@@ -423,7 +423,7 @@ struct Epilogue {
 // packed per panel of kPanel columns as [k pair][column] so a panel row is 3 aligned vectors; A
 // pairs are broadcast from s in place. A tile is R rows x kPanel columns over the whole K: 24
 // accumulators + 3 B vectors + 1 broadcast fit the 32 zmm registers. At n = m = 576, d = 1024 the
-// tiles run at ~95% of the machine's vdpbf16ps peak (bench/results/cpu/NOTES.md).
+// tiles run at over 90% of the machine's vdpbf16ps peak (bench/results/cpu/NOTES.md).
 constexpr int kVecs = 3;
 constexpr int64_t kPanel = 16 * kVecs;
 constexpr int kRows = 8;
