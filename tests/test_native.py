@@ -116,6 +116,21 @@ def test_prune_native_packed_ragged_noncontiguous(device, dtype, sinkhorn_path):
     assert_prune_matches(local_kept(kept, lens, keep, False), scores, oracle, lens, keep, PARAMS["recover_ratio"], ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_segment_above_the_kept_scratch(dtype):
+    """The C++ CPU kernels keep scratch buffers per thread up to 32 MiB each and allocate larger
+    ones per call: n = 2900 needs a 33.6 MB cost and E, so both come from the per-call path."""
+    if _native("CPU") is not None:
+        pytest.skip(_native("CPU"))
+    n, d, keep = 2900, 16, 725
+    g = _gen(12)
+    src, tgt = features((n, d), dtype, "cpu", g), features((n, d), dtype, "cpu", g)
+    pos = torch.rand(n, 2, generator=g)
+    kept, scores, _ = _prune_native(src, tgt, pos, [n], [keep], False)
+    _, oracle = oracle_prune(src, tgt, pos, [keep], [n], PARAMS)
+    assert_prune_matches([kept], scores, oracle, [n], [keep], PARAMS["recover_ratio"], ATOL)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_prune_more_segments_than_one_launch_table(device, sinkhorn_path):
     # 300 segments > kMaxSegmentsPerLaunch (128): several launches per step.
