@@ -2,10 +2,10 @@
 
 The issue's CPU target is n = 576, d = 1024 on the 2-core CI machine. Besides the two providers it
 times, as ceilings, the cost GEMM alone through torch (fp32 matmul, which is what the reference and
-the fp32 path of the C++ kernels pay, and bf16 matmul with its bf16 output). Two modes:
-"interleaved", one call of each provider per round, so a noisy shared machine slows them alike and
-every call starts with caches the others used; "warm", each call repeated back to back. Each row
-is the median over the rounds. Reported: median ms, GEMM GFLOP/s (2·B·n²·d over the time) and the
+the fp32 path of the C++ kernels pay, and bf16 matmul with its bf16 output). Every round calls
+each provider twice in a row, so a noisy shared machine slows them alike: mode "interleaved" is the
+first call (caches hold what the other providers used), "warm" the second. Each row is the median
+over the rounds. Reported: median ms, GEMM GFLOP/s (2·B·n²·d over the time) and the
 speed-up over the eager reference (whose GEMM is torch's fp32 matmul). The ceiling to compare the
 GFLOP/s with is the core count times the per-core peak of one FMA-type instruction stream
 (vfmadd / vdpbf16ps), which NOTES.md gives for the CI machine.
@@ -112,14 +112,14 @@ def main():
             fns = providers(cfg, src, tgt, pos)
             for fn in fns.values():
                 fn()  # warm-up: thread pool, allocator, first-touch
-            # "interleaved": one call of each provider per round, so each call starts with the caches
-            # the others left (as inside a model's forward); "warm": the same call back to back.
-            times = {("interleaved", k): [] for k in fns}
+            # Each round calls every provider twice in a row: the first call ("interleaved") starts
+            # with the caches the other providers left, as inside a model's forward; the second
+            # ("warm") with its own. Both modes see the machine in the same minute.
+            times = {(mode, k): [] for mode in ("interleaved", "warm") for k in fns}
             for _ in range(args.rounds):
                 for k, fn in fns.items():
                     times["interleaved", k].append(timed(fn))
-            for k, fn in fns.items():
-                times["warm", k] = [timed(fn) for _ in range(args.rounds)]
+                    times["warm", k].append(timed(fn))
             flops = 2.0 * cfg.B * cfg.n * cfg.n * cfg.d
             nbytes = 2.0 * src.numel() * src.element_size()
             median_us = {key: sorted(ts)[args.rounds // 2] * 1e6 for key, ts in times.items()}
