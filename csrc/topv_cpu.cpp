@@ -30,6 +30,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define TOPV_BF16_GEMM 1
 #endif
@@ -428,8 +429,17 @@ constexpr int kVecs = 3;
 constexpr int64_t kPanel = 16 * kVecs;
 constexpr int kRows = 8;
 
+// Whether this kernel is the faster bf16 path here. On AMD Zen 4/5 vdpbf16ps issues at the FMA
+// rate with twice the FLOPs, so it beats fp32 MKL ~2x. On the Intel Xeons that have AMX (Sapphire
+// Rapids on) it measured half the fp32 FMA rate (72 against ~143 GFLOP/s per core; bf16 prune 2.26
+// against the fp32 path's ~1.4 ms on 16 cores, bench/results/cpu/NOTES.md), so there the fp32
+// path stays. AMX-BF16 is CPUID.(7, 0):EDX[22].
 bool cpu_has_bf16_dot() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    const bool amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u);
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && !amx;
+  }();
   return ok;
 }
 
