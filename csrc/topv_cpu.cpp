@@ -1,15 +1,16 @@
 // C++ CPU kernels of the topv native ops (backend="cpp"), registered for the CPU key.
 //
-// The math is docs/algorithm.md. The cost GEMM: bfloat16 inputs on a CPU with AVX512-BF16 (Zen 4+,
-// Cooper Lake, Sapphire Rapids+) use our own kernel below, which feeds the bf16 values straight
-// into vdpbf16ps (exact products, float32 sums, float32 output) and applies the cost epilogue to
-// each block of rows while it is in L1; ATen offers no bf16 x bf16 -> fp32 GEMM on CPU (its bf16 mm
-// rounds the output to bf16, and the brgemm ukernel needs AMX), and upcasting to fp32 for MKL costs
-// twice the FLOP time. Every other input goes to ATen's fp32 BLAS (MKL runs near the fp32 FMA peak,
-// so an fp32 input cannot get much faster than the reference's own GEMM). Everything after the GEMM
-// (Sinkhorn passes, scores, selection) is plain loops that the compiler vectorises (a branch-free
-// exp, `omp simd` reductions) and at::parallel_for spreads over rows, columns or segments; Sinkhorn
-// turns all but its first pass into matrix-vector products (see "The fast form" below).
+// The math is docs/algorithm.md. The cost GEMM: bfloat16 inputs on a CPU with AVX512-BF16 and no
+// AMX (AMD Zen 4+, Cooper Lake; see cpu_has_bf16_dot) use our own kernel below, which feeds the
+// bf16 values straight into vdpbf16ps (exact products, float32 sums, float32 output) and applies
+// the cost epilogue to each block of rows while it is in L1; ATen offers no bf16 x bf16 -> fp32
+// GEMM on CPU (its bf16 mm rounds the output to bf16, and the brgemm ukernel needs AMX), and
+// upcasting to fp32 for MKL costs twice the FLOP time. Every other input goes to ATen's fp32 BLAS
+// (MKL runs near the fp32 FMA peak, so an fp32 input cannot get much faster than the reference's
+// own GEMM). Everything after the GEMM (Sinkhorn passes, scores, selection) is plain loops that the
+// compiler vectorises (a branch-free exp, `omp simd` reductions) and at::parallel_for spreads over
+// rows, columns or segments; Sinkhorn turns all but its first pass into matrix-vector products (see
+// "The fast form" below).
 //
 // Sinkhorn follows the fast-path contract of the spec: with tol > 0 the row pass that starts
 // iteration t+1 also measures the plan violation of iteration t, Σ_i a_i |exp((f_i - f'_i)/ε) - 1|;
@@ -410,11 +411,12 @@ struct Epilogue {
     }
   }
 
-  // Rows [i0, i1) x columns [j0, j1) of c (row stride ldc): s_i . t_j on entry, C_ij on exit.
-  void apply(float* c, int64_t ldc, int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+  // Rows [i0, i1) of c (n, m): s_i . t_j on entry, C_ij on exit.
+  void apply(float* c, int64_t i0, int64_t i1) const {
+    const int64_t m = static_cast<int64_t>(t_inv.size());
     for (int64_t i = i0; i < i1; ++i)
-      epilogue_row(c + i * ldc + j0, t_inv.data() + j0, qr.data() + j0, qc.data() + j0, j1 - j0, s_inv[i], pr[i],
-                   pc[i], ha, beta, neg_inv_2s2, centre[i]);
+      epilogue_row(c + i * m, t_inv.data(), qr.data(), qc.data(), m, s_inv[i], pr[i], pc[i], ha, beta, neg_inv_2s2,
+                   centre[i]);
   }
 };
 
@@ -431,9 +433,9 @@ constexpr int kRows = 8;
 
 // Whether this kernel is the faster bf16 path here. On AMD Zen 4/5 vdpbf16ps issues at the FMA
 // rate with twice the FLOPs, so it beats fp32 MKL ~2x. On the Intel Xeons that have AMX (Sapphire
-// Rapids on) it measured half the fp32 FMA rate (72 against ~143 GFLOP/s per core; bf16 prune 2.26
-// against the fp32 path's ~1.4 ms on 16 cores, bench/results/cpu/NOTES.md), so there the fp32
-// path stays. AMX-BF16 is CPUID.(7, 0):EDX[22].
+// Rapids on) it measured half the fp32 FMA rate (66-74 against ~143 GFLOP/s per core; B=1 prune
+// on 16 cores 2.39 ms with bf16 input against 1.43 ms with fp32 input, bench/results/h100/NOTES.md),
+// so there the fp32 path stays. AMX-BF16 is CPUID.(7, 0):EDX[22].
 bool cpu_has_bf16_dot() {
   static const bool ok = [] {
     unsigned a, b, c, d;
@@ -521,7 +523,7 @@ void bf16_cost_gemm(const uint16_t* s, int64_t lds, int64_t n, const uint16_t* t
         const int64_t j0 = p * kPanel;
         kTiles[rows](s + i0 * lds, lds, bp + p * panel_size, k2, out + i0 * m + j0, m, std::min(kPanel, m - j0));
       }
-      ep.apply(out, m, i0, i0 + rows, 0, m);
+      ep.apply(out, i0, i0 + rows);
     }
   });
 }
@@ -547,7 +549,7 @@ bool cost_block(const at::Tensor& s, const at::Tensor& t, const float* p, int64_
   bad |= inv_norms(t.data_ptr<float>(), m, d, t.stride(0), ep.t_inv.data());
   at::Tensor c = at::from_blob(out, {n, m}, s.options());
   at::mm_out(c, s, t.t());
-  at::parallel_for(0, n, 32, [&](int64_t i0, int64_t i1) { ep.apply(out, m, i0, i1, 0, m); });
+  at::parallel_for(0, n, 32, [&](int64_t i0, int64_t i1) { ep.apply(out, i0, i1); });
   return bad;
 }
 
