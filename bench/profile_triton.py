@@ -107,7 +107,7 @@ def overheads():
 
     src, tgt, pos = make(1, 576, 4096)
     x = torch.empty(1, device="cuda")
-    params = PruneParams(1.0, 1.0, 0.3, 0.2, 0.1, 3, 0.0, 0.25)
+    params = PruneParams(**topv.defaults.PRUNE)
     segs = Segments.of((576,), (144,), True)
     s2, t2 = src.view(-1, 4096), tgt.view(-1, 4096)
     op = wall_us(lambda: topv.prune(src, tgt, pos, 144, check_finite=False, backend="triton"), 200)

@@ -29,6 +29,12 @@ using namespace detail;
 
 constexpr int kRowWarps = 8;
 
+// The relaxation factors of docs/algorithm.md: kappa = tau / (tau + eps) scales a potential update
+// (1 for an exact marginal, tau = inf); rho = eps / tau is the exponent of the relaxed row target.
+float kappa(float tau, float eps) { return std::isinf(tau) ? 1.0f : float(double(tau) / (double(tau) + double(eps))); }
+float rho(float tau, float eps) { return std::isinf(tau) ? 0.0f : float(double(eps) / double(tau)); }
+bool relaxation_ok(float tau) { return tau > 0; }  // inf allowed; NaN fails
+
 int sm_count() {
   int dev = 0, sms = 132;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -322,7 +328,7 @@ PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void*
 
 bool prune_args_ok(const PruneArgs& a) {
   if (!a.source || !a.target || !a.positions || a.total_rows < 1 || a.d < 1 || a.num_segments < 1) return false;
-  if (a.sinkhorn.n_iters < 1 || !(a.sinkhorn.eps > 0) || !(a.sinkhorn.tol >= 0)) return false;
+  if (a.sinkhorn.n_iters < 1 || !(a.sinkhorn.eps > 0) || !(a.sinkhorn.tol >= 0) || !relaxation_ok(a.tau)) return false;
   if (!(a.recover_ratio >= 0 && a.recover_ratio < 1)) return false;
   int64_t total = 0;
   for (int64_t k = 0; k < a.num_segments; ++k) {
@@ -347,6 +353,7 @@ cudaError_t cost_matrix(const CostArgs& a, float* out, void*, size_t, cudaStream
   GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.src_pos, a.tgt_pos,
               a.src_pos_row_stride, a.tgt_pos_row_stride, out, nullptr,
               0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
+  ga.dtype = a.dtype;
   std::vector<GemmSeg> segs(size_t(a.batch));
   for (int64_t b = 0; b < a.batch; ++b)
     segs[b] = GemmSeg{b * a.source_batch_stride, b * a.target_batch_stride, b * a.n * a.m,
@@ -370,11 +377,14 @@ cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace,
                      cudaStream_t st) {
   const SinkhornParams& p = a.sinkhorn;
   if (a.batch < 1 || a.n < 1 || a.m < 1 || p.n_iters < 1 || !(p.eps > 0) || !(p.tol >= 0) ||
-      workspace_bytes < sinkhorn_workspace_size(a) || a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
+      !relaxation_ok(a.tau_a) || !relaxation_ok(a.tau_b) || workspace_bytes < sinkhorn_workspace_size(a) ||
+      a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
+  const float ka = kappa(a.tau_a, p.eps), ra = rho(a.tau_a, p.eps), kb = kappa(a.tau_b, p.eps);
   const ClusterPlan plan = plan_cluster(a.batch, a.n, a.m, p.max_cluster);
   if (plan.cs > 0) {
-    const ClusterArgs ca{a.cost, a.log_a, a.log_b, f, g, nullptr, nullptr, nullptr, p.eps, p.tol, p.n_iters};
+    const ClusterArgs ca{a.cost, a.log_a, a.log_b, f, g, nullptr, nullptr, nullptr, p.eps, p.tol, p.n_iters,
+                         ka, ra, kb};
     std::vector<ClusterSeg> segs(size_t(a.batch));
     for (int64_t b = 0; b < a.batch; ++b)
       segs[b] = ClusterSeg{b * a.n * a.m, int(a.n), int(a.m), int(b * a.n), int(b * a.m), int(b), SelSeg{}};
@@ -395,9 +405,9 @@ cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace,
   const bool tol = p.tol > 0;
   for (int t = 1; t <= p.n_iters; ++t) {
     const bool check = tol && t >= 2;
-    RowArgs ra{a.cost, g, f, fnew, check ? viol : nullptr, nullptr, a.log_a, done, p.eps};
-    ColArgs ca{a.cost, fnew, f, g, colmax, colsum, a.log_b, done, viol, p.eps, p.tol, 1, 1, check ? 1 : 0};
-    TOPV_TRY(launch_pass(ra, &ca, segs, st));
+    const RowArgs rw{a.cost, g, f, fnew, check ? viol : nullptr, nullptr, a.log_a, done, p.eps, ka, ra};
+    const ColArgs cl{a.cost, fnew, f, g, colmax, colsum, a.log_b, done, viol, p.eps, p.tol, kb, 1, 1, check ? 1 : 0};
+    TOPV_TRY(launch_pass(rw, &cl, segs, st));
   }
   return cudaSuccess;
 }
@@ -445,12 +455,14 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
   GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d,
               a.positions, a.positions, 2, 2, w.C, w.done,
               0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
+  ga.dtype = a.dtype;
   const bool tol = p.tol > 0;
+  const float ka = kappa(a.tau, p.eps), ra = rho(a.tau, p.eps);
   auto row_args = [&](int t) {
-    return RowArgs{w.C, w.g, w.f, w.fnew, tol && t >= 2 ? w.viol : nullptr, scores, nullptr, w.done, p.eps};
+    return RowArgs{w.C, w.g, w.f, w.fnew, tol && t >= 2 ? w.viol : nullptr, scores, nullptr, w.done, p.eps, ka, ra};
   };
   auto col_args = [&](int t, bool first, bool last) {
-    return ColArgs{w.C, w.fnew, w.f, w.g, w.colmax, w.colsum, nullptr, w.done, w.viol, p.eps, p.tol,
+    return ColArgs{w.C, w.fnew, w.f, w.g, w.colmax, w.colsum, nullptr, w.done, w.viol, p.eps, p.tol, 1.0f,
                    first ? 1 : 0, last ? 1 : 0, tol && t >= 2 ? 1 : 0};
   };
 
@@ -494,7 +506,8 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
       gp.ready = w.ready;
       TOPV_TRY(launch_gemm(a.dtype, gp, gs, partial, st));
       if (partial) TOPV_TRY(launch_cost_reduce(gp, gs, st));
-      const ClusterArgs ca{w.C, nullptr, nullptr, nullptr, nullptr, scores, kept, gp.ready, p.eps, p.tol, p.n_iters};
+      const ClusterArgs ca{w.C,   nullptr, nullptr, nullptr,   nullptr, scores, kept, gp.ready,
+                           p.eps, p.tol,   p.n_iters, ka,   ra,      1.0f};
       TOPV_TRY(launch_cluster(ca, cseg, grp.cluster, st));
       continue;
     }

@@ -12,14 +12,17 @@
 // rows, columns or segments; Sinkhorn turns all but its first pass into matrix-vector products (see
 // "The fast form" below).
 //
-// Sinkhorn follows the fast-path contract of the spec: with tol > 0 the row pass that starts
-// iteration t+1 also measures the plan violation of iteration t, Σ_i a_i |exp((f_i - f'_i)/ε) - 1|;
-// if it is below tol the segment keeps (f_t, g_t) and its scores come from that row pass.
+// Sinkhorn follows the fast-path contract of the spec: the row pass that starts iteration t+1 gives
+// L_i = LSE_j((g_j - C_ij)/ε) for the plan (f_t, g_t), whose row mass is exp(f_i/ε + L_i): the
+// scores n · mass_i and, with tol > 0, the relaxed row violation Σ_i |mass_i - a_i exp(-f_i/τ_a)|;
+// below tol the segment keeps (f_t, g_t) and its scores come from that row pass.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
+
+#include "torch_checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -111,16 +114,30 @@ TOPV_VEC_CLONES void col_sum_row(float* s, const float* mx, const float* c, floa
   for (int64_t j = 0; j < w; ++j) s[j] += vexp((fi - c[j]) * inv_eps - mx[j]);
 }
 
+// C_ij from its cosine, the position differences (dr, dc) and the row's centre term.
+__attribute__((always_inline)) inline float cost_formula(float cosv, float dr, float dc, float ha, float beta,
+                                                         float neg_inv_2s2, float centre) {
+  return ha * (1.0f - cosv) + beta * (1.0f - vexp((dr * dr + dc * dc) * neg_inv_2s2)) + centre;
+}
+
 // One row of the cost epilogue: row holds s_i . t_j on entry and C_ij on exit.
 TOPV_VEC_CLONES void epilogue_row(float* row, const float* t_inv, const float* qr, const float* qc, int64_t m, float si, float pr,
                   float pc, float ha, float beta, float neg_inv_2s2, float centre) {
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) {
-    const float cosv = row[j] * si * t_inv[j];
-    const float a = pr - qr[j], b = pc - qc[j];
-    row[j] = ha * (1.0f - cosv) + beta * (1.0f - vexp((a * a + b * b) * neg_inv_2s2)) + centre;
-  }
+  for (int64_t j = 0; j < m; ++j)
+    row[j] = cost_formula(row[j] * si * t_inv[j], pr - qr[j], pc - qc[j], ha, beta, neg_inv_2s2, centre);
 }
+
+// The marginals' relaxation of one solve (docs/algorithm.md): each potential update is scaled by
+// kappa = τ/(τ + ε) (1 for an exact marginal), and the relaxed row target a_i exp(-f_i/τ_a) is
+// exp(log a_i - rho_a f_i/ε) with rho_a = ε/τ_a (0 for an exact marginal).
+struct Relax {
+  float kappa_a = 1.0f, kappa_b = 1.0f, rho_a = 0.0f;
+  Relax(double eps, double tau_a, double tau_b)
+      : kappa_a(std::isinf(tau_a) ? 1.0f : static_cast<float>(tau_a / (tau_a + eps))),
+        kappa_b(std::isinf(tau_b) ? 1.0f : static_cast<float>(tau_b / (tau_b + eps))),
+        rho_a(std::isinf(tau_a) ? 0.0f : static_cast<float>(eps / tau_a)) {}
+};
 
 // One Sinkhorn problem: C (n, m) row-major fp32, optional log marginals (else uniform).
 struct Problem {
@@ -128,6 +145,7 @@ struct Problem {
   int64_t n, m;
   const float* log_a;  // (n,) or nullptr
   const float* log_b;  // (m,) or nullptr
+  Relax relax;
 };
 
 struct Result {
@@ -258,21 +276,24 @@ struct FastState {
       : E(scratch.get<float>(Scratch::kPlan, static_cast<size_t>(P.n * P.m))), M(P.n), y(P.m), w(P.n) {}
 };
 
-// The first row pass (g = 0, exact): f'_i = eps (log a_i - M_i - log sum_j E_ij), filling E and M.
+// The first row pass (g = 0, exact): f'_i = kappa_a eps (log a_i - M_i - log sum_j E_ij), filling E
+// and M.
 void first_row_pass(const Problem& P, float eps, FastState& S, float* f_next) {
   const float inv_eps = 1.0f / eps, la_uniform = -std::log(static_cast<float>(P.n));
   at::parallel_for(0, P.n, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float s = exp_row(S.E + i * P.m, P.C + i * P.m, P.m, inv_eps, S.M[i]);
       const float la = P.log_a ? P.log_a[i] : la_uniform;
-      f_next[i] = eps * (la - (S.M[i] + std::log(s)));
+      f_next[i] = P.relax.kappa_a * eps * (la - (S.M[i] + std::log(s)));
     }
   });
 }
 
-// f'_i = eps (log a_i - LSE_j((g_j - C_ij)/eps)); also ratio_i = exp((f_i - f'_i)/eps) (the row
-// mass of the plan (f, g) over a_i). Rows in parallel.
-void row_pass(const Problem& P, FastState& S, const float* f, const float* g, float eps, float* f_next, float* ratio) {
+// f'_i = kappa_a eps (log a_i - L_i) with L_i = LSE_j((g_j - C_ij)/eps); with `mass`, also the row
+// mass exp(f_i/eps + L_i) of the plan (f, g) and its relaxed violation |mass_i - a_i exp(-f_i/τ_a)|.
+// Rows in parallel.
+void row_pass(const Problem& P, FastState& S, const float* f, const float* g, float eps, float* f_next, float* mass,
+              float* viol) {
   const float inv_eps = 1.0f / eps, la_uniform = -std::log(static_cast<float>(P.n));
   const float gmax = shifted_exp(g, inv_eps, P.m, S.y.data());
   at::parallel_for(0, P.n, 16, [&](int64_t i0, int64_t i1) {
@@ -280,8 +301,12 @@ void row_pass(const Problem& P, FastState& S, const float* f, const float* g, fl
       const float sum = dot_row(S.E + i * P.m, S.y.data(), P.m);
       const float lse = fast_sum_ok(sum) ? S.M[i] + gmax + std::log(sum) : row_lse_exact(P, i, g, inv_eps);
       const float la = P.log_a ? P.log_a[i] : la_uniform;
-      f_next[i] = eps * (la - lse);
-      if (ratio) ratio[i] = std::exp(f[i] * inv_eps - la + lse);
+      f_next[i] = P.relax.kappa_a * eps * (la - lse);
+      if (mass) {
+        const float fi = f[i] * inv_eps;
+        mass[i] = std::exp(fi + lse);
+        viol[i] = std::fabs(mass[i] - std::exp(la - P.relax.rho_a * fi));
+      }
     }
   });
 }
@@ -308,7 +333,8 @@ void col_pass(const Problem& P, FastState& S, const float* f, float eps, float* 
       for (int64_t j = 0; j < w; ++j)
         if (!fast_sum_ok(sum[j])) lse[j] = lse_exact[j];
     }
-    for (int64_t j = 0; j < w; ++j) g[j0 + j] = eps * ((P.log_b ? P.log_b[j0 + j] : lb_uniform) - lse[j]);
+    for (int64_t j = 0; j < w; ++j)
+      g[j0 + j] = P.relax.kappa_b * eps * ((P.log_b ? P.log_b[j0 + j] : lb_uniform) - lse[j]);
   });
 }
 
@@ -316,33 +342,58 @@ void sinkhorn(const Problem& P, float eps, int64_t n_iters, float tol, const Res
   FastState S(P);
   std::fill(R.f, R.f + P.n, 0.0f);
   std::fill(R.g, R.g + P.m, 0.0f);
-  std::vector<float> f_next(P.n), ratio(P.n);
+  std::vector<float> f_next(P.n), mass(P.n), viol(P.n);
   first_row_pass(P, eps, S, f_next.data());
   bool have_next = true;  // f_next already holds the f update from the current g
   for (int64_t t = 0; t < n_iters; ++t) {
-    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), nullptr);
+    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), nullptr, nullptr);
     std::copy(f_next.begin(), f_next.end(), R.f);
     col_pass(P, S, R.f, eps, R.g);
     have_next = false;
     if (tol > 0) {
-      row_pass(P, S, R.f, R.g, eps, f_next.data(), ratio.data());
+      row_pass(P, S, R.f, R.g, eps, f_next.data(), mass.data(), viol.data());
       have_next = true;
-      double viol = 0.0;
-      for (int64_t i = 0; i < P.n; ++i) {
-        const float a = P.log_a ? std::exp(P.log_a[i]) : 1.0f / static_cast<float>(P.n);
-        viol += static_cast<double>(a) * std::fabs(ratio[i] - 1.0f);
-      }
-      if (viol < tol) break;
+      if (std::accumulate(viol.begin(), viol.end(), 0.0) < tol) break;
     }
   }
   if (R.score) {
-    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), ratio.data());
-    // score_i = n a_i exp((f_i - f'_i)/eps)
-    for (int64_t i = 0; i < P.n; ++i) {
-      const float a = P.log_a ? std::exp(P.log_a[i]) : 1.0f / static_cast<float>(P.n);
-      R.score[i] = static_cast<float>(P.n) * a * ratio[i];
-    }
+    if (!have_next) row_pass(P, S, R.f, R.g, eps, f_next.data(), mass.data(), viol.data());
+    for (int64_t i = 0; i < P.n; ++i) R.score[i] = static_cast<float>(P.n) * mass[i];  // n sum_j P_ij
   }
+}
+
+// The float32 cosine s.t |s|^-1 |t|^-1 is safe while each squared norm lies in [2^-60, 2^120]: no
+// square, product or sum then overflows, and what flushes to zero moves the cosine by < d 2^-66.
+// A finite row outside that range (a zero row, |x| ~ 1e19, whose square is inf in float32, or tiny
+// values whose squares underflow) gets the inverse norm +inf instead, and its cosines are computed
+// exactly in double (exact_cos), which holds the squares of every float. A non-finite row keeps the
+// plain formula (its scores are unspecified and check_finite reports it).
+constexpr float kMinSafeSq = 0x1p-60f, kMaxSafeSq = 0x1p120f;
+
+float safe_inv_norm(float ss, bool finite) {
+  if (!finite || (ss >= kMinSafeSq && ss <= kMaxSafeSq)) return ss > 0.0f ? 1.0f / std::sqrt(ss) : 0.0f;
+  return std::numeric_limits<float>::infinity();
+}
+
+inline double to_double(float x) { return x; }
+inline double to_double(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// cos(a, b) of two rows of d elements in double (0 when either is zero).
+template <typename T>
+float exact_cos(const T* a, const T* b, int64_t d) {
+  double aa = 0.0, bb = 0.0, ab = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double x = to_double(a[k]), y = to_double(b[k]);
+    aa += x * x;
+    bb += y * y;
+    ab += x * y;
+  }
+  return aa > 0.0 && bb > 0.0 ? static_cast<float>(ab / (std::sqrt(aa) * std::sqrt(bb))) : 0.0f;
 }
 
 // Sum of squares of one row, and a flag sum that is 0 exactly when every element is finite (x - x
@@ -372,8 +423,8 @@ TOPV_VEC_CLONES void sumsq_row(const uint16_t* p, int64_t d, float& ss_out, floa
   z_out = z;
 }
 
-// Inverse L2 norms of the rows of x (rows, d), float32 or bfloat16 bits (0 for a zero row);
-// returns true when an element is not finite.
+// Inverse L2 norms of the rows of x (rows, d), float32 or bfloat16 bits (safe_inv_norm: +inf for
+// a row whose cosines need exact_cos); returns true when an element is not finite.
 template <typename T>
 bool inv_norms(const T* x, int64_t rows, int64_t d, int64_t ld, float* out) {
   std::vector<char> bad(rows, 0);
@@ -381,23 +432,27 @@ bool inv_norms(const T* x, int64_t rows, int64_t d, int64_t ld, float* out) {
     for (int64_t r = r0; r < r1; ++r) {
       float ss, z;
       sumsq_row(x + r * ld, d, ss, z);
-      const float nrm = std::sqrt(ss);
-      out[r] = nrm > 0.0f ? 1.0f / nrm : 0.0f;
       bad[r] = !(z == 0.0f);
+      out[r] = safe_inv_norm(ss, !bad[r]);
     }
   });
   return std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
 }
 
-// What the cost epilogue needs besides s_i . t_j: inverse norms and positions of one block.
+// What the cost epilogue needs besides s_i . t_j: inverse norms and positions of one block, and the
+// rows themselves (T: float or bf16 bits) for the exact cosines of rows the float32 one cannot take.
+template <typename T>
 struct Epilogue {
+  const T *s, *t;
+  int64_t lds, ldt, d;
   std::vector<float> s_inv, t_inv, qr, qc, pr, pc, centre;
+  std::vector<int64_t> exact_cols;  // columns whose t_inv is the exact-path sentinel (find_exact_cols)
   float ha, beta, neg_inv_2s2;
 
-  Epilogue(int64_t n, int64_t m, const float* p, int64_t p_ld, const float* q, int64_t q_ld, float alpha, float beta_,
-           float gamma, float sigma)
-      : s_inv(n), t_inv(m), qr(m), qc(m), pr(n), pc(n), centre(n), ha(0.5f * alpha), beta(beta_),
-        neg_inv_2s2(-1.0f / (2.0f * sigma * sigma)) {
+  Epilogue(const T* s_, int64_t lds_, int64_t n, const T* t_, int64_t ldt_, int64_t m, int64_t d_, const float* p,
+           int64_t p_ld, const float* q, int64_t q_ld, float alpha, float beta_, float gamma, float sigma)
+      : s(s_), t(t_), lds(lds_), ldt(ldt_), d(d_), s_inv(n), t_inv(m), qr(m), qc(m), pr(n), pc(n), centre(n),
+        ha(0.5f * alpha), beta(beta_), neg_inv_2s2(-1.0f / (2.0f * sigma * sigma)) {
     // Coordinates as contiguous arrays so the inner loop is unit-stride.
     for (int64_t j = 0; j < m; ++j) {
       qr[j] = q[j * q_ld];
@@ -411,12 +466,34 @@ struct Epilogue {
     }
   }
 
+  // Computes the inverse norms (returns true when an element is not finite).
+  bool norms() {
+    const int64_t n = static_cast<int64_t>(s_inv.size()), m = static_cast<int64_t>(t_inv.size());
+    bool bad = inv_norms(s, n, d, lds, s_inv.data());
+    bad |= inv_norms(t, m, d, ldt, t_inv.data());
+    for (int64_t j = 0; j < m; ++j)
+      if (std::isinf(t_inv[j])) exact_cols.push_back(j);
+    return bad;
+  }
+
+  float exact_cost(int64_t i, int64_t j) const {
+    return cost_formula(exact_cos(s + i * lds, t + j * ldt, d), pr[i] - qr[j], pc[i] - qc[j], ha, beta, neg_inv_2s2,
+                        centre[i]);
+  }
+
   // Rows [i0, i1) of c (n, m): s_i . t_j on entry, C_ij on exit.
   void apply(float* c, int64_t i0, int64_t i1) const {
     const int64_t m = static_cast<int64_t>(t_inv.size());
-    for (int64_t i = i0; i < i1; ++i)
-      epilogue_row(c + i * m, t_inv.data(), qr.data(), qc.data(), m, s_inv[i], pr[i], pc[i], ha, beta, neg_inv_2s2,
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = c + i * m;
+      if (std::isinf(s_inv[i])) {  // rare: see safe_inv_norm
+        for (int64_t j = 0; j < m; ++j) row[j] = exact_cost(i, j);
+        continue;
+      }
+      epilogue_row(row, t_inv.data(), qr.data(), qc.data(), m, s_inv[i], pr[i], pc[i], ha, beta, neg_inv_2s2,
                    centre[i]);
+      for (const int64_t j : exact_cols) row[j] = exact_cost(i, j);
+    }
   }
 };
 
@@ -476,7 +553,7 @@ constexpr TileFn kTiles[kRows + 1] = {nullptr,      bf16_tile<1>, bf16_tile<2>, 
 // out (n, m) = s (n, d) . t (m, d)^T with the epilogue applied, s and t bf16 with row strides
 // lds, ldt (unit stride on d).
 void bf16_cost_gemm(const uint16_t* s, int64_t lds, int64_t n, const uint16_t* t, int64_t ldt, int64_t m, int64_t d,
-                    const Epilogue& ep, float* out) {
+                    const Epilogue<uint16_t>& ep, float* out) {
   const int64_t k2 = (d + 1) / 2;
   // An odd d leaves a half pair at the end of each row: such an s is copied with a zero after
   // each row (t's packing below pads the same way).
@@ -534,19 +611,19 @@ void bf16_cost_gemm(const uint16_t* s, int64_t lds, int64_t n, const uint16_t* t
 bool cost_block(const at::Tensor& s, const at::Tensor& t, const float* p, int64_t p_ld, const float* q, int64_t q_ld,
                 float alpha, float beta, float gamma, float sigma, float* out) {
   const int64_t n = s.size(0), m = t.size(0), d = s.size(1);
-  Epilogue ep(n, m, p, p_ld, q, q_ld, alpha, beta, gamma, sigma);
 #ifdef TOPV_BF16_GEMM
   if (s.scalar_type() == at::kBFloat16) {
     const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
     const auto* tp = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-    bool bad = inv_norms(sp, n, d, s.stride(0), ep.s_inv.data());
-    bad |= inv_norms(tp, m, d, t.stride(0), ep.t_inv.data());
+    Epilogue<uint16_t> ep(sp, s.stride(0), n, tp, t.stride(0), m, d, p, p_ld, q, q_ld, alpha, beta, gamma, sigma);
+    const bool bad = ep.norms();
     bf16_cost_gemm(sp, s.stride(0), n, tp, t.stride(0), m, d, ep, out);
     return bad;
   }
 #endif
-  bool bad = inv_norms(s.data_ptr<float>(), n, d, s.stride(0), ep.s_inv.data());
-  bad |= inv_norms(t.data_ptr<float>(), m, d, t.stride(0), ep.t_inv.data());
+  Epilogue<float> ep(s.data_ptr<float>(), s.stride(0), n, t.data_ptr<float>(), t.stride(0), m, d, p, p_ld, q, q_ld,
+                     alpha, beta, gamma, sigma);
+  const bool bad = ep.norms();
   at::Tensor c = at::from_blob(out, {n, m}, s.options());
   at::mm_out(c, s, t.t());
   at::parallel_for(0, n, 32, [&](int64_t i0, int64_t i1) { ep.apply(out, i0, i1); });
@@ -592,11 +669,10 @@ void select(const float* score, int64_t n, int64_t keep, double recover_ratio, i
 // Torch entry points
 // ------------------------------------------------------------------------------------------
 
-void check_features(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "topv (cpp): ", name, " must be a CPU tensor, got ", x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "topv (cpp): ", name,
-              " must be float32, float16 or bfloat16, got ", dt);
+constexpr const char* kWho = "topv (cpp)";
+
+void check_cpu(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), kWho, ": ", name, " must be a CPU tensor, got ", x.device());
 }
 
 // The features as the GEMM takes them: bf16 as they are where the CPU has the bf16 dot product,
@@ -612,19 +688,9 @@ at::Tensor gemm_rows(const at::Tensor& x) {
 
 at::Tensor cost_matrix_cpu(const at::Tensor& source, const at::Tensor& target, const at::Tensor& src_pos,
                            const at::Tensor& tgt_pos, double alpha, double beta, double gamma, double sigma) {
-  check_features(source, "source");
-  check_features(target, "target");
-  TORCH_CHECK(source.dim() == 3 && target.dim() == 3, "topv (cpp): source/target must be (B, n, d)/(B, m, d), got ",
-              source.sizes(), " and ", target.sizes());
-  const int64_t B = source.size(0), n = source.size(1), m = target.size(1), d = source.size(2);
-  TORCH_CHECK(target.size(0) == B && target.size(2) == d, "topv (cpp): target ", target.sizes(),
-              " does not match source ", source.sizes());
-  TORCH_CHECK(src_pos.sizes() == at::IntArrayRef({B, n, 2}) && src_pos.scalar_type() == at::kFloat,
-              "topv (cpp): src_pos must be float32 (B, n, 2) = (", B, ", ", n, ", 2), got ", src_pos.sizes(), " ",
-              src_pos.scalar_type());
-  TORCH_CHECK(tgt_pos.sizes() == at::IntArrayRef({B, m, 2}) && tgt_pos.scalar_type() == at::kFloat,
-              "topv (cpp): tgt_pos must be float32 (B, m, 2) = (", B, ", ", m, ", 2), got ", tgt_pos.sizes(), " ",
-              tgt_pos.scalar_type());
+  check_cpu(source, "source");
+  check_cpu(target, "target");
+  const auto [B, n, m, d] = topv_torch::check_cost_matrix(source, target, src_pos, tgt_pos, kWho);
   const at::Tensor s = gemm_rows(source), t = gemm_rows(target);
   const at::Tensor p = src_pos.contiguous(), q = tgt_pos.contiguous();
   at::Tensor out = at::empty({B, n, m}, source.options().dtype(at::kFloat));
@@ -636,30 +702,16 @@ at::Tensor cost_matrix_cpu(const at::Tensor& source, const at::Tensor& target, c
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost, const std::optional<at::Tensor>& log_a,
                                                 const std::optional<at::Tensor>& log_b, double eps, int64_t n_iters,
-                                                double tol) {
-  TORCH_CHECK(cost.device().is_cpu() && cost.scalar_type() == at::kFloat && cost.dim() == 3,
-              "topv (cpp): cost must be a float32 (B, n, m) CPU tensor, got ", cost.scalar_type(), " ", cost.sizes(),
-              " on ", cost.device());
-  TORCH_CHECK(eps > 0 && n_iters >= 1 && tol >= 0, "topv (cpp): need eps > 0, n_iters >= 1, tol >= 0; got eps=", eps,
-              " n_iters=", n_iters, " tol=", tol);
-  const int64_t B = cost.size(0), n = cost.size(1), m = cost.size(2);
-  const at::Tensor C = cost.contiguous();
-  at::Tensor la, lb;
-  if (log_a) {
-    TORCH_CHECK(log_a->sizes() == at::IntArrayRef({B, n}) && log_a->scalar_type() == at::kFloat,
-                "topv (cpp): log_a must be float32 (", B, ", ", n, "), got ", log_a->sizes());
-    la = log_a->contiguous();
-  }
-  if (log_b) {
-    TORCH_CHECK(log_b->sizes() == at::IntArrayRef({B, m}) && log_b->scalar_type() == at::kFloat,
-                "topv (cpp): log_b must be float32 (", B, ", ", m, "), got ", log_b->sizes());
-    lb = log_b->contiguous();
-  }
-  at::Tensor f = at::empty({B, n}, cost.options()), g = at::empty({B, m}, cost.options());
+                                                double tol, double tau_a, double tau_b) {
+  check_cpu(cost, "cost");
+  const auto [C, la, lb] = topv_torch::check_sinkhorn(cost, log_a, log_b, eps, n_iters, tol, tau_a, tau_b, kWho);
+  const int64_t B = C.size(0), n = C.size(1), m = C.size(2);
+  const Relax relax(eps, tau_a, tau_b);
+  at::Tensor f = at::empty({B, n}, C.options()), g = at::empty({B, m}, C.options());
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       Problem P{C.data_ptr<float>() + b * n * m, n, m, la.defined() ? la.data_ptr<float>() + b * n : nullptr,
-                lb.defined() ? lb.data_ptr<float>() + b * m : nullptr};
+                lb.defined() ? lb.data_ptr<float>() + b * m : nullptr, relax};
       sinkhorn(P, eps, n_iters, tol, Result{f.data_ptr<float>() + b * n, g.data_ptr<float>() + b * m, nullptr});
     }
   });
@@ -669,37 +721,18 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& cost, const st
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& source, const at::Tensor& target,
                                                          const at::Tensor& positions, at::IntArrayRef seg_lens,
                                                          at::IntArrayRef keep, bool padded, double alpha, double beta,
-                                                         double gamma, double sigma, double eps, int64_t n_iters,
-                                                         double tol, double recover_ratio, bool check_finite) {
-  check_features(source, "source");
-  check_features(target, "target");
-  TORCH_CHECK(source.dim() == 2 && target.sizes() == source.sizes(), "topv (cpp): source/target must be packed (T, d) "
-              "of one shape, got ", source.sizes(), " and ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == source.scalar_type(), "topv (cpp): source and target dtypes differ: ",
-              source.scalar_type(), " vs ", target.scalar_type());
-  const int64_t T = source.size(0);
-  const int64_t S = static_cast<int64_t>(seg_lens.size());
-  TORCH_CHECK(S >= 1 && static_cast<int64_t>(keep.size()) == S, "topv (cpp): need one keep per segment, got ", S,
-              " segments and ", keep.size(), " budgets");
-  int64_t total = 0, total_keep = 0;
-  for (int64_t k = 0; k < S; ++k) {
-    TORCH_CHECK(seg_lens[k] >= 1 && keep[k] >= 1 && keep[k] <= seg_lens[k], "topv (cpp): segment ", k, " has length ",
-                seg_lens[k], " and keep ", keep[k], "; need 1 <= keep <= length");
-    TORCH_CHECK(!padded || seg_lens[k] == seg_lens[0], "topv (cpp): padded segments must have equal lengths");
-    total += seg_lens[k];
-    total_keep += keep[k];
-  }
-  TORCH_CHECK(total == T, "topv (cpp): seg_lens sum to ", total, " but source has T=", T, " rows");
-  const bool shared_pos = padded && positions.size(0) == seg_lens[0] && S > 1;
-  TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 2 && positions.scalar_type() == at::kFloat &&
-                  (positions.size(0) == T || shared_pos || (padded && positions.size(0) == seg_lens[0])),
-              "topv (cpp): positions must be float32 (T, 2) = (", T, ", 2)", padded ? " or the shared (n, 2)" : "",
-              ", got ", positions.scalar_type(), " ", positions.sizes());
-  TORCH_CHECK(eps > 0 && n_iters >= 1 && tol >= 0 && recover_ratio >= 0 && recover_ratio < 1,
-              "topv (cpp): need eps > 0, n_iters >= 1, tol >= 0, 0 <= recover_ratio < 1");
-
-  const at::Tensor s = gemm_rows(source), t = gemm_rows(target), pos = positions.contiguous();
-  at::Tensor kept = at::empty({total_keep}, source.options().dtype(at::kLong));
+                                                         double gamma, double sigma, double eps, double tau,
+                                                         int64_t n_iters, double tol, double recover_ratio,
+                                                         bool check_finite) {
+  check_cpu(source, "source");
+  check_cpu(target, "target");
+  check_cpu(positions, "positions");
+  const topv_torch::PruneCall call = topv_torch::check_prune(source, target, positions, seg_lens, keep, padded, eps,
+                                                             tau, n_iters, tol, recover_ratio, kWho);
+  const int64_t T = call.T, S = static_cast<int64_t>(seg_lens.size());
+  const Relax relax(eps, tau, std::numeric_limits<double>::infinity());
+  const at::Tensor s = gemm_rows(call.src), t = gemm_rows(call.tgt), &pos = call.pos;
+  at::Tensor kept = at::empty({call.total_keep}, source.options().dtype(at::kLong));
   at::Tensor scores = at::empty({T}, source.options().dtype(at::kFloat));
   at::Tensor nonfinite = at::zeros({1}, source.options().dtype(at::kInt));
   std::vector<int64_t> starts(S), out_starts(S);
@@ -717,9 +750,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
       ScratchBuffer scratch;
       float* C = scratch.get<float>(Scratch::kCost, static_cast<size_t>(n * n));
       std::vector<float> f(n), g(n);
-      const float* p = P + (positions.size(0) == T ? a * 2 : 0);
+      const float* p = P + (pos.size(0) == T ? a * 2 : 0);
       bad[k] = cost_block(s.narrow(0, a, n), t.narrow(0, a, n), p, 2, p, 2, alpha, beta, gamma, sigma, C);
-      sinkhorn(Problem{C, n, n, nullptr, nullptr}, eps, n_iters, tol,
+      sinkhorn(Problem{C, n, n, nullptr, nullptr, relax}, eps, n_iters, tol,
                Result{f.data(), g.data(), scores.data_ptr<float>() + a});
       select(scores.data_ptr<float>() + a, n, keep[k], recover_ratio, padded ? 0 : a,
              kept.data_ptr<int64_t>() + out_starts[k]);
@@ -731,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
     for (int64_t i = 0; i < np && !any; ++i) any = !std::isfinite(P[i]);
     nonfinite.fill_(any ? 1 : 0);
   }
-  return {kept, scores, nonfinite};
+  return call.shaped(kept, scores, nonfinite);
 }
 
 }  // namespace

@@ -77,3 +77,17 @@ def assert_prune_matches(kept_local, scores, oracle_scores, seg_lens, keep, reco
         for i in top_mine ^ top_oracle:
             assert abs(o[i] - boundary) <= 2 * atol, f"token {i} differs from the oracle's top set beyond a tie"
         start += n
+
+
+def oracle_stop(cost, eps, tol, n_iters, *, tau_a=math.inf, a=None):
+    """The iteration after which the reference's early exit stops one float64 problem (1, n, m):
+    the first t whose plan meets sum_i |sum_j P_ij - a_i exp(-f_i / tau_a)| < tol (n_iters if none)."""
+    n = cost.shape[1]
+    log_a = torch.full((n,), -math.log(n), dtype=cost.dtype) if a is None else a.log()
+    inv_tau = 0.0 if math.isinf(tau_a) else 1.0 / tau_a
+    for t in range(1, n_iters + 1):
+        f, g = reference.sinkhorn(cost, a, eps=eps, n_iters=t, tau_a=tau_a)
+        viol = (reference.plan(cost, f, g, eps).sum(2)[0] - torch.exp(log_a - f[0] * inv_tau)).abs().sum()
+        if viol < tol:
+            return t
+    return n_iters

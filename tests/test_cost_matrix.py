@@ -43,3 +43,35 @@ def test_cost_matrix_default_target_positions(backend, device):
     s, t = features((9, 8), torch.float32, device, gen), features((9, 8), torch.float32, device, gen)
     p = torch.rand(9, 2, generator=gen).to(device)
     torch.testing.assert_close(topv.cost_matrix(s, t, p, backend=backend), topv.cost_matrix(s, t, p, p, backend=backend))
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cosine_is_safe_at_every_finite_magnitude(backend, device, dtype):
+    """Rows scaled by powers of two (exact) have the same cosines: squares of |x| ~ 1e21 overflow
+    float32 and squares of |x| ~ 1e-21 underflow it, and no finite input may give NaN. Rows of
+    every kind in one call: huge, tiny, zero and ordinary, sources and targets."""
+    gen = torch.Generator().manual_seed(22)
+    B, n, m, d = (1, 19, 23, 40) if device == "cpu" else (2, 577, 300, 1024)
+    s, t = features((B, n, d), dtype, device, gen), features((B, m, d), dtype, device, gen)
+    p, q = torch.rand(B, n, 2, generator=gen).to(device), torch.rand(B, m, 2, generator=gen).to(device)
+    want = topv.cost_matrix(s, t, p, q, backend=backend)
+    row_exp = torch.tensor([70, -70, 0, 100, -100, 0, 0], dtype=dtype)
+    s_scale = torch.ldexp(torch.ones(n, dtype=dtype), row_exp.repeat(n)[:n].to(torch.int32)).to(device)
+    t_scale = torch.ldexp(torch.ones(m, dtype=dtype), row_exp.roll(2).repeat(m)[:m].to(torch.int32)).to(device)
+    s2, t2 = s * s_scale[:, None], t * t_scale[:, None]
+    assert torch.isfinite(s2).all() and torch.isfinite(t2).all()
+    got = topv.cost_matrix(s2, t2, p, q, backend=backend)
+    assert torch.isfinite(got).all(), "a finite input gave a non-finite cost"
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), atol=2e-5, rtol=0)
+    # a zero row: cos = 0 with everything
+    s2[:, 4] = 0
+    got = topv.cost_matrix(s2, t2, p, q, backend=backend)
+    ref = reference.cost_matrix(s2.double().cpu(), t2.double().cpu(), p.double().cpu(), q.double().cpu())
+    torch.testing.assert_close(got.double().cpu(), ref, atol=2e-5, rtol=0)
+    # and the scores of a prune of such rows are finite and those of the unscaled rows
+    k = n // 3
+    _, sc = topv.prune(s2, s2.flip(1), p, k, backend=backend)
+    _, sc_ref = topv.prune(s2.cpu(), s2.flip(1).cpu(), p.cpu(), k, backend="reference")
+    assert torch.isfinite(sc).all()
+    torch.testing.assert_close(sc.double().cpu(), sc_ref.double(), atol=2e-4, rtol=0)

@@ -40,6 +40,9 @@ def prune(request):
         ((S, S, POS, 2), {"sigma": -1.0}, ValueError, "sigma must be a finite number > 0"),
         ((S, S, POS, 2), {"n_iters": 0}, ValueError, "n_iters must be an integer >= 1, got 0"),
         ((S, S, POS, 2), {"tol": -1e-3}, ValueError, "tol must be a finite number >= 0"),
+        ((S, S, POS, 2), {"tau": 0.0}, ValueError, r"tau must be a number > 0 \(inf for an exact marginal\), got 0.0"),
+        ((S, S, POS, 2), {"tau": -1.0}, ValueError, "tau must be a number > 0"),
+        ((S, S, POS, 2), {"tau": float("nan")}, ValueError, "tau must be a number > 0 .* got nan"),
         ((S, S, POS, 2), {"alpha": float("nan")}, ValueError, "alpha must be a finite number >= 0"),
         ((S, S, POS, 2), {"seg_lens": [6, 6]}, ValueError, "seg_lens is for the packed layout"),
         ((S, S, POS, 2), {"backend": "fast"}, ValueError, r"backend must be one of \['auto', 'reference'"),
@@ -87,9 +90,13 @@ def test_prune_nonfinite_message():
 
 
 def test_prune_unavailable_triton_says_why(monkeypatch):
+    from topv import backends
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends._resolve.cache_clear()
     with pytest.raises(ValueError, match="Triton runs CUDA tensors"):
         topv.prune(S, S, POS, 2, backend="triton")
+    backends._resolve.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -123,8 +130,14 @@ C = torch.rand(2, 4, 5)
         ((C,), {"eps": -0.1}, ValueError, "eps must be a finite number > 0"),
         ((C,), {"n_iters": 1.5}, TypeError, "n_iters must be an int, got 1.5"),
         ((C,), {"tol": float("inf")}, ValueError, "tol must be a finite number >= 0"),
+        ((C,), {"tau_a": 0.0}, ValueError, r"tau_a must be a number > 0 \(inf for an exact marginal\), got 0.0"),
+        ((C,), {"tau_b": -2.0}, ValueError, "tau_b must be a number > 0"),
+        ((C,), {"tau_b": float("nan")}, ValueError, "tau_b must be a number > 0 .* got nan"),
     ],
 )
 def test_sinkhorn_bad_input(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         topv.sinkhorn(*args, **kw)
+    if "n_iters" not in kw:  # the dispatcher answers a float n_iters itself
+        with pytest.raises(exc, match=match):
+            torch.ops.topv.sinkhorn(*args, **kw)

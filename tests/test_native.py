@@ -15,13 +15,13 @@ import os
 
 import pytest
 import torch
-from oracle import assert_prune_matches, assert_valid_selection, features, local_kept, oracle_prune
+from oracle import assert_prune_matches, assert_valid_selection, features, local_kept, oracle_prune, oracle_stop
 
 import topv
-from topv import _ext, reference
+from topv import _ext, defaults, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PARAMS = dict(alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25)
+PARAMS = defaults.PRUNE
 ATOL = 2e-4
 
 
@@ -69,7 +69,7 @@ def _gen(seed=0):
 def _prune_native(src, tgt, pos, seg_lens, keep, padded, p=PARAMS, check_finite=True):
     return torch.ops.topv.prune_native.default(
         src, tgt, pos, list(seg_lens), list(keep), padded, p["alpha"], p["beta"], p["gamma"], p["sigma"], p["eps"],
-        p["n_iters"], p["tol"], p["recover_ratio"], check_finite)
+        p["tau"], p["n_iters"], p["tol"], p["recover_ratio"], check_finite)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,14 +162,7 @@ def test_tol_segments_stop_at_different_iterations(device, sinkhorn_path):
     # The oracle stops these segments at different iterations (else the test would not test it).
     C = reference.cost_matrix(src.double().cpu().view(3, n, d), tgt.double().cpu().view(3, n, d),
                               pos.double().cpu().view(3, n, 2))
-    stops = []
-    for b in range(3):
-        for it in range(1, p["n_iters"] + 1):
-            f, gg = reference.sinkhorn(C[b:b + 1], eps=p["eps"], n_iters=it)
-            viol = (reference.plan(C[b:b + 1], f, gg, p["eps"]).sum(2) - 1.0 / n).abs().sum().item()
-            if viol < p["tol"]:
-                break
-        stops.append(it)
+    stops = [oracle_stop(C[b:b + 1], p["eps"], p["tol"], p["n_iters"], tau_a=p["tau"]) for b in range(3)]
     assert len(set(stops)) > 1, stops
     kept, scores, _ = _prune_native(src, tgt, pos, [n] * 3, [20] * 3, False, p)
     _, oracle = oracle_prune(src, tgt, pos, [20] * 3, [n] * 3, p)
@@ -228,7 +221,8 @@ def test_cost_matrix_native_strided_batch(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("marginals", [False, True])
-def test_sinkhorn_native_matches_oracle(device, marginals, sinkhorn_path):
+@pytest.mark.parametrize("tau_a, tau_b", [(math.inf, math.inf), (0.1, math.inf), (0.3, 0.05)])
+def test_sinkhorn_native_matches_oracle(device, marginals, tau_a, tau_b, sinkhorn_path):
     B, n, m = 3, 45, 70
     g = _gen(6)
     C = torch.rand(B, n, m, generator=g, dtype=torch.float64) * 2
@@ -236,10 +230,11 @@ def test_sinkhorn_native_matches_oracle(device, marginals, sinkhorn_path):
     b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
     a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
     la, lb = (a.log().float().to(device), b.log().float().to(device)) if marginals else (None, None)
-    f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), la, lb, 0.1, 5, 0.0)
+    f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), la, lb, 0.1, 5, 0.0, tau_a, tau_b)
     rf, rg = [], []
     for k in range(B):
-        x, y = reference.sinkhorn(C[k:k + 1], a[k] if marginals else None, b[k] if marginals else None, eps=0.1, n_iters=5)
+        x, y = reference.sinkhorn(C[k:k + 1], a[k] if marginals else None, b[k] if marginals else None, eps=0.1,
+                                  n_iters=5, tau_a=tau_a, tau_b=tau_b)
         rf.append(x)
         rg.append(y)
     torch.testing.assert_close(f.double().cpu(), torch.cat(rf), atol=2e-5, rtol=0)
@@ -260,7 +255,7 @@ def test_sinkhorn_native_extreme_costs(device, shift, eps, far, sinkhorn_path):
     C = torch.rand(B, n, m, generator=_gen(6), dtype=torch.float64) * (2 if shift == 0 else 4) + shift
     if far:
         C[:, :, 5] += 1.5
-    f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), None, None, eps, 5, 0.0)
+    f, gg = torch.ops.topv.sinkhorn_native.default(C.float().to(device), None, None, eps, 5, 0.0, math.inf, math.inf)
     ref = [reference.sinkhorn(C[k:k + 1], eps=eps, n_iters=5) for k in range(B)]
     assert torch.isfinite(f).all() and torch.isfinite(gg).all()
     torch.testing.assert_close(f.double().cpu(), torch.cat([x for x, _ in ref]), atol=1e-4, rtol=1e-5)
@@ -274,12 +269,12 @@ def test_opcheck_native_ops(device):
     src, tgt = torch.randn(2 * n, d, generator=g).to(device), torch.randn(2 * n, d, generator=g).to(device)
     pos = torch.rand(n, 2, generator=g).to(device)
     torch.library.opcheck(torch.ops.topv.prune_native.default,
-                          (src, tgt, pos, [n, n], [5, 5], True, 1.0, 1.0, 0.3, 0.2, 0.1, 3, 0.0, 0.25, True))
+                          (src, tgt, pos, [n, n], [5, 5], True, 1.0, 1.0, 0.1, 0.2, 0.1, 0.1, 3, 0.0, 0.25, True))
     s3, t3 = src.view(2, n, d), tgt.view(2, n, d)
     p3 = pos.expand(2, n, 2).contiguous()
     torch.library.opcheck(torch.ops.topv.cost_matrix_native.default, (s3, t3, p3, p3, 1.0, 1.0, 0.3, 0.2))
     C = torch.rand(2, n, n, generator=g).to(device)
-    torch.library.opcheck(torch.ops.topv.sinkhorn_native.default, (C, None, None, 0.1, 3, 1e-3))
+    torch.library.opcheck(torch.ops.topv.sinkhorn_native.default, (C, None, None, 0.1, 3, 1e-3, 0.1, math.inf))
 
 
 _ERROR_CASES = """
@@ -287,8 +282,8 @@ import torch, topv
 x = torch.randn(10, 4)
 def call(src, lens, keep):
     try:
-        torch.ops.topv.prune_native.default(src, src, torch.rand(10, 2), lens, keep, False, 1.0, 1.0, 0.3, 0.2, 0.1,
-                                            3, 0.0, 0.25, True)
+        torch.ops.topv.prune_native.default(src, src, torch.rand(10, 2), lens, keep, False, 1.0, 1.0, 0.1, 0.2, 0.1,
+                                            0.1, 3, 0.0, 0.25, True)
     except RuntimeError as e:
         print("RAISED", str(e).splitlines()[0])
     else:

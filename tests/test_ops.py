@@ -1,6 +1,7 @@
 """Operator-level contracts: opcheck, fake kernels, torch.compile(fullgraph=True), CUDA graphs,
 and an import of topv that works without Triton."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -112,15 +113,62 @@ def test_import_and_reference_without_triton():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_auto_follows_the_measurements(monkeypatch):
-    from topv import ops
+@pytest.fixture
+def registry(monkeypatch):
+    """Make the listed backends (and only those) available, with resolution caches cleared."""
+    from topv import backends
+
+    def only(*names):
+        for name, b in backends.REGISTRY.items():
+            why = None if name in names else f"{name} switched off by the test"
+            monkeypatch.setitem(backends.REGISTRY, name, dataclasses.replace(b, unavailable=lambda d, w=why: w))
+        backends._resolve.cache_clear()
+
+    yield only
+    backends._resolve.cache_clear()
+
+
+def test_auto_follows_the_measurements(registry):
+    from topv import backends
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference", "triton", "cuda"])
-    assert ops.resolve_backend("auto", cuda) == "cuda"  # fastest launched from Python at every shape
-    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference", "triton"])
-    assert ops.resolve_backend("auto", cuda) == "triton"
-    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference", "cpp"])
-    assert ops.resolve_backend("auto", cpu) == "cpp"
-    monkeypatch.setattr(ops, "available_backends", lambda device: ["reference"])
-    assert ops.resolve_backend("auto", cpu) == "reference"
+    registry("reference", "triton", "cuda")
+    assert backends.resolve_backend("auto", cuda) == "cuda"  # fastest launched from Python at every shape
+    registry("reference", "triton")
+    assert backends.resolve_backend("auto", cuda) == "triton"
+    registry("reference", "cpp")
+    assert backends.resolve_backend("auto", cpu) == "cpp"
+    registry("reference")
+    assert backends.resolve_backend("auto", cpu) == "reference"
+
+
+def test_unavailable_backend_says_why_and_what_is_available(registry):
+    from topv import backends
+
+    registry("reference", "cpp")
+    with pytest.raises(ValueError, match=r"backend='triton' is not available for tensors on cpu: triton switched off "
+                                         r"by the test. Available here: \['reference', 'cpp'\]"):
+        backends.resolve("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'reference', 'triton', 'cuda', 'cpp'\], "
+                                         r"got 'fast'"):
+        backends.resolve("fast", torch.device("cpu"))
+
+
+def test_typed_api_runs_the_op_kernel_directly_unless_traced(monkeypatch):
+    """Eager calls skip the dispatcher's round trip; traced ones (FakeTensor here) go through it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from topv import ops
+
+    src, tgt, pos = _inputs("cpu")
+    calls = []
+    real = ops.prune_eager
+    monkeypatch.setattr(ops, "prune_eager", lambda *a: calls.append(a) or real(*a))
+    kept, _ = topv.prune(src, tgt, pos, 4, backend="reference")
+    assert len(calls) == 1 and kept.shape == (2, 4)
+    assert not ops.traced(src, tgt, pos)
+    with FakeTensorMode() as mode:
+        fs, ft, fp = (mode.from_tensor(x) for x in (src, tgt, pos))
+        assert ops.traced(fs, ft, fp)
+        kept, scores = topv.prune(fs, ft, fp, 4, backend="reference", check_finite=False)
+    assert kept.shape == (2, 4) and scores.shape == (2, 9)

@@ -1,14 +1,17 @@
 """topv.prune on every backend against the float64 oracle: odd sizes, ragged packed batches,
 non-contiguous inputs, all feature dtypes, ties, tol, non-finite inputs."""
 
+import math
+
 import pytest
 import torch
 from conftest import backend_cases
 from oracle import SCORE_ATOL, assert_prune_matches, assert_valid_selection, features, local_kept, oracle_prune
 
 import topv
+from topv import reference
 
-PARAMS = dict(alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25)
+PARAMS = topv.defaults.PRUNE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -86,10 +89,11 @@ def test_tol_per_segment_early_exit(backend, device):
     tgt = torch.stack([same, torch.randn(n, d, generator=gen, dtype=torch.float64)]).float().to(device)
     pos = torch.full((2, n, 2), 0.5).to(device)
     pos[1] = torch.rand(n, 2, generator=gen)
-    params = {**PARAMS, "n_iters": 40, "tol": 1e-3, "beta": 1.0}
-    kept, scores = topv.prune(src, tgt, pos, n // 3, backend=backend, **params)
-    _, oracle = oracle_prune(src, tgt, pos, [n // 3], None, params)
-    assert_prune_matches(list(kept.cpu()), scores, oracle, [n, n], [n // 3] * 2, params["recover_ratio"], 2e-4)
+    for tau in (PARAMS["tau"], math.inf):
+        params = {**PARAMS, "n_iters": 40, "tol": 1e-3, "beta": 1.0, "tau": tau}
+        kept, scores = topv.prune(src, tgt, pos, n // 3, backend=backend, **params)
+        _, oracle = oracle_prune(src, tgt, pos, [n // 3], None, params)
+        assert_prune_matches(list(kept.cpu()), scores, oracle, [n, n], [n // 3] * 2, params["recover_ratio"], 2e-4)
 
 
 @pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
@@ -133,3 +137,96 @@ def test_keep_all_and_keep_one(backend, device):
     assert torch.equal(kept.cpu(), torch.arange(n).expand(2, n))
     kept, scores = topv.prune(src, tgt, pos, 1, backend=backend)
     assert torch.equal(kept.cpu()[:, 0], scores.cpu().argmax(1))
+
+
+# --------------------------------------------------------------------------------------------
+# What the semi-relaxed importance guarantees (docs/algorithm.md), on every backend
+# --------------------------------------------------------------------------------------------
+
+
+def _grid_case(device, gen, side, d, dtype=torch.float32):
+    n = side * side
+    src, tgt = features((1, n, d), dtype, device, gen), features((1, n, d), dtype, device, gen)
+    return src, tgt, topv.grid_positions(side, side, device=device)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_tau_inf_is_the_balanced_algorithm_where_gamma_acts_not(backend, device):
+    gen = torch.Generator().manual_seed(17)
+    src, tgt, pos = _grid_case(device, gen, 6 if device == "cpu" else 24, 16 if device == "cpu" else 256)
+    n = pos.shape[0]
+    scores = {}
+    for gamma in (0.0, 0.7):
+        params = {**PARAMS, "tau": math.inf, "gamma": gamma}
+        kept, scores[gamma] = topv.prune(src, tgt, pos, n // 4, backend=backend, **params)
+        # the balanced rule as it was written before the relaxation: score_i = n a_i exp((f_i - f'_i)/eps),
+        # f' being the next (exact-marginal) f update
+        eps = params["eps"]
+        C = reference.cost_matrix(src.double().cpu(), tgt.double().cpu(), pos.double().cpu()[None], gamma=gamma)
+        f, g = reference.sinkhorn(C, eps=eps, n_iters=params["n_iters"])
+        f_next = -eps * math.log(n) - eps * torch.logsumexp((g[:, None, :] - C) / eps, 2)
+        balanced = torch.exp((f - f_next) / eps)
+        assert_prune_matches([kept.cpu()[0]], scores[gamma], balanced, [n], [n // 4], params["recover_ratio"], 2e-4)
+    torch.testing.assert_close(scores[0.0], scores[0.7], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_finite_tau_gamma_pulls_the_kept_set_toward_the_centre(backend, device):
+    gen = torch.Generator().manual_seed(18)
+    side = 8 if device == "cpu" else 24
+    src, tgt, pos = _grid_case(device, gen, side, 16 if device == "cpu" else 256)
+    k = pos.shape[0] // 4
+    centre_dist = (pos - 0.5).norm(dim=1).cpu()
+    mean_dist = []
+    for gamma in (0.0, 0.1, 0.5):
+        kept, _ = topv.prune(src, tgt, pos, k, gamma=gamma, recover_ratio=0.0, backend=backend)
+        mean_dist.append(centre_dist[kept.cpu()[0]].mean().item())
+    assert mean_dist[0] > mean_dist[1] > mean_dist[2], mean_dist
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_scores_have_a_limit_that_is_not_all_ties(backend, device):
+    # Balanced OT's scores all tend to 1; the semi-relaxed ones converge to a spread with mean 1.
+    gen = torch.Generator().manual_seed(19)
+    src, tgt, pos = _grid_case(device, gen, 5 if device == "cpu" else 24, 16 if device == "cpu" else 256)
+    n = pos.shape[0]
+    _, many = topv.prune(src, tgt, pos, n // 4, n_iters=200, backend=backend)
+    _, more = topv.prune(src, tgt, pos, n // 4, n_iters=400, backend=backend)
+    _, balanced = topv.prune(src, tgt, pos, n // 4, n_iters=400, tau=math.inf, backend=backend)
+    many, more, balanced = many.double().cpu(), more.double().cpu(), balanced.double().cpu()
+    assert abs(many.mean().item() - 1.0) < 1e-4 and abs(more.mean().item() - 1.0) < 1e-4
+    assert many.std().item() > 0.02, many.std()
+    torch.testing.assert_close(many, more, atol=1e-4, rtol=0)  # converged: a real limit
+    assert balanced.std().item() < 1e-3  # the balanced limit: all ties
+
+
+def _duplicates_case(gen, n=48, d=32, hubs=3, per_hub=12, outliers=4):
+    """Targets in `hubs` tight clusters of `per_hub` plus noise; among the sources, one near-copy of
+    each cluster centre (a hub) and `outliers` far from every target; the rest noise."""
+    cent = torch.randn(hubs, d, generator=gen, dtype=torch.float64)
+    tgt = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    for h in range(hubs):
+        spread = 0.05 * cent[h].norm() / math.sqrt(d)
+        tgt[h * per_hub:(h + 1) * per_hub] = cent[h] + spread * torch.randn(per_hub, d, generator=gen, dtype=torch.float64)
+    src = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    perm = torch.randperm(n, generator=gen)
+    hub_idx, out_idx = perm[:hubs], perm[hubs:hubs + outliers]
+    src[hub_idx] = cent + 0.01 * torch.randn(hubs, d, generator=gen, dtype=torch.float64)
+    src[out_idx] = -10 * tgt.mean(0) + torch.randn(outliers, d, generator=gen, dtype=torch.float64)
+    return src, tgt, hub_idx, out_idx
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+def test_duplicated_sources_rank_first_outliers_last(backend, device):
+    # beta = gamma = 0: only feature similarity acts. A source that is the near-duplicate of many
+    # targets can serve all of them cheaply and gains mass; an outlier serves nobody.
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(40 + seed)
+        src, tgt, hubs, outliers = _duplicates_case(gen)
+        n = src.shape[0]
+        pos = torch.rand(n, 2, generator=gen).to(device)
+        _, scores = topv.prune(src.float().to(device), tgt.float().to(device), pos, 8, beta=0.0, gamma=0.0,
+                               backend=backend)
+        rank = torch.argsort(torch.argsort(scores.cpu(), descending=True))
+        assert rank[hubs].max().item() < len(hubs), f"hubs ranked {rank[hubs].tolist()}"
+        assert rank[outliers].min().item() >= n - 2 * len(outliers), f"outliers ranked {rank[outliers].tolist()}"

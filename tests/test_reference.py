@@ -140,15 +140,43 @@ def test_select_is_exact_budget_sorted_and_unique():
                     assert 0 <= row.min() and row.max() < n
 
 
-def test_gamma_has_no_effect_on_scores():
-    # The centre term depends on the source token only; the f potential absorbs it exactly
-    # (docs/algorithm.md). If the cost formula changes, this test says so.
+def test_a_per_source_cost_is_a_prior_on_the_source_mass():
+    # Semi-relaxed OT (docs/algorithm.md): adding r_i to row i of C gives the same plan as the
+    # marginal a_i exp(-r_i / tau) with C; so the centre term is a prior of strength gamma / tau.
+    # With tau = inf the f potential absorbs r_i and nothing changes.
     g = torch.Generator().manual_seed(5)
-    s, t = torch.randn(1, 30, 16, generator=g, dtype=torch.float64), torch.randn(1, 30, 16, generator=g, dtype=torch.float64)
-    p = topv.grid_positions(5, 6).to(torch.float64)[None]
-    _, s0 = reference.prune_padded(s, t, p, 10, gamma=0.0)
-    _, s1 = reference.prune_padded(s, t, p, 10, gamma=0.7)
-    torch.testing.assert_close(s0, s1)
+    n, eps, tau = 30, 0.1, 0.1
+    C = torch.rand(1, n, n, generator=g, dtype=torch.float64)
+    r = torch.rand(n, generator=g, dtype=torch.float64)
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    for iters in (1, 3, 40):
+        f1, g1 = reference.sinkhorn(C + r[:, None], eps=eps, n_iters=iters, tau_a=tau)
+        f2, g2 = reference.sinkhorn(C, a * torch.exp(-r / tau), eps=eps, n_iters=iters, tau_a=tau)
+        torch.testing.assert_close(reference.plan(C + r[:, None], f1, g1, eps), reference.plan(C, f2, g2, eps))
+        f3, g3 = reference.sinkhorn(C + r[:, None], eps=eps, n_iters=iters)
+        f4, g4 = reference.sinkhorn(C, eps=eps, n_iters=iters)
+        torch.testing.assert_close(reference.plan(C + r[:, None], f3, g3, eps), reference.plan(C, f4, g4, eps))
+
+
+def test_relaxation_factor():
+    assert reference.relaxation(math.inf, 0.1) == 1.0
+    assert reference.relaxation(0.1, 0.1) == 0.5
+    assert reference.relaxation(0.3, 0.1) == pytest.approx(0.75)
+
+
+def test_cost_matrix_is_scale_free_for_every_finite_magnitude():
+    # float32: |x| ~ 1e19 squares to inf, |x| ~ 1e-25 to 0; the rows are scaled by powers of two first.
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(1, 9, 16, generator=g), torch.randn(1, 9, 16, generator=g)
+    p = torch.rand(1, 9, 2, generator=g)
+    want = reference.cost_matrix(s, t, p)
+    for scale in (2.0**70, 2.0**-80, 2.0**120):
+        got = reference.cost_matrix(s * scale, t, p)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    zero = s.clone()
+    zero[0, 3] = 0
+    assert torch.isfinite(reference.cost_matrix(zero, t, p)).all()
 
 
 def test_prune_packed_equals_per_segment_padded():

@@ -1,8 +1,12 @@
 """topv.sinkhorn on every backend against the float64 oracle, including marginals and tol."""
 
+import math
+import warnings
+
 import pytest
 import torch
 from conftest import backend_cases
+from oracle import oracle_stop
 
 import topv
 from topv import reference
@@ -53,3 +57,54 @@ def test_sinkhorn_tol_stops_segments_independently(backend, device):
     fo, go = reference.sinkhorn(C.double(), eps=0.1, n_iters=200, tol=1e-3)
     torch.testing.assert_close(f.double().cpu(), fo, atol=5e-5, rtol=0)
     torch.testing.assert_close(g.double().cpu(), go, atol=5e-5, rtol=0)
+
+
+# (tau_a, tau_b): semi-relaxed either side, unbalanced, balanced
+RELAXATIONS = [(0.1, math.inf), (0.5, 0.2), (math.inf, 0.3), (math.inf, math.inf)]
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+@pytest.mark.parametrize("tau_a, tau_b", RELAXATIONS, ids=lambda t: f"{t}")
+def test_sinkhorn_matches_pot_unbalanced(backend, device, tau_a, tau_b):
+    """Every backend's plan after 1, 3 and 25 iterations equals POT's unbalanced Sinkhorn with the
+    same KL weights (entropy reg_type, no stopping threshold), iteration for iteration."""
+    ot = pytest.importorskip("ot")
+    gen = torch.Generator().manual_seed(32)
+    n, m, eps = (9, 13, 0.1) if device == "cpu" else (300, 257, 0.1)
+    C = torch.rand(n, m, generator=gen, dtype=torch.float64) * 1.5
+    a = torch.rand(n, generator=gen, dtype=torch.float64) + 0.2
+    b = torch.rand(m, generator=gen, dtype=torch.float64) + 0.2
+    a, b = a / a.sum(), b / b.sum()
+    for iters in (1, 3, 25):
+        f, g = topv.sinkhorn(C.float().to(device), a.float().to(device), b.float().to(device), eps=eps, n_iters=iters,
+                             tau_a=tau_a, tau_b=tau_b, backend=backend)
+        P = torch.exp((f.double().cpu()[:, None] + g.double().cpu()[None, :] - C.float().double()) / eps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # POT says that reg_type="entropy" uses the all-ones reference
+            P_pot = ot.unbalanced.sinkhorn_knopp_unbalanced(a.numpy(), b.numpy(), C.float().double().numpy(), eps,
+                                                            (tau_a, tau_b), reg_type="entropy", numItermax=iters,
+                                                            stopThr=0.0)
+        torch.testing.assert_close(P * n * m, torch.as_tensor(P_pot) * n * m, atol=1e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases(include_reference=True))
+@pytest.mark.parametrize("tau_a", [0.1, math.inf])
+def test_sinkhorn_early_exit_matches_the_oracle_iteration(backend, device, tau_a):
+    """tol > 0: each batch element stops after the same iteration as the oracle's rule (relaxed
+    row violation below tol) and keeps that iteration's potentials."""
+    gen = torch.Generator().manual_seed(33)
+    n = 11 if device == "cpu" else 300
+    C = torch.stack([torch.rand(n, n, generator=gen, dtype=torch.float64) * s for s in (0.05, 0.5, 2.0)])
+    # A tolerance where consecutive iterates still differ by >= 5e-4 (float32 paths tell them apart).
+    tol, n_iters = (1e-2 if math.isfinite(tau_a) else 3e-3), 60
+    f, g = topv.sinkhorn(C.float().to(device), eps=0.1, n_iters=n_iters, tol=tol, tau_a=tau_a, backend=backend)
+    Cf = C.float().double()
+    stops = [oracle_stop(Cf[k:k + 1], 0.1, tol, n_iters, tau_a=tau_a) for k in range(3)]
+    assert len(set(stops)) >= 2 and max(stops) < n_iters, stops  # different exits, all before the cap
+    for k, t in enumerate(stops):
+        fo, go = reference.sinkhorn(Cf[k:k + 1], eps=0.1, n_iters=t, tau_a=tau_a)
+        torch.testing.assert_close(f[k].double().cpu(), fo[0], atol=5e-5, rtol=0)
+        torch.testing.assert_close(g[k].double().cpu(), go[0], atol=5e-5, rtol=0)
+        if t > 1:  # and not the iteration before (a later one is excluded by the first assert)
+            fp, _ = reference.sinkhorn(Cf[k:k + 1], eps=0.1, n_iters=t - 1, tau_a=tau_a)
+            assert (f[k].double().cpu() - fp[0]).abs().max() > 5e-5

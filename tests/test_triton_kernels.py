@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import topv
-from topv import reference
+from topv import defaults, reference
 from topv.ops import PruneParams, Segments
 
 _CPU_OK = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -21,7 +21,8 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PARAMS = dict(alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25)
+PARAMS = defaults.PRUNE
+COST = (defaults.ALPHA, defaults.BETA, defaults.GAMMA, defaults.SIGMA)  # the reference's defaults, positionally
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,7 @@ def test_cost_matrix_kernel_split_k(poisoned, device, split, monkeypatch):
     for B, n, m, d in _big(device, [(2, 7, 5, 70), (1, 17, 33, 100)], [(1, 577, 577, 4096), (2, 7, 5, 1000)]):
         s, t = _feat((B, n, d), torch.bfloat16, device, gen), _feat((B, m, d), torch.bfloat16, device, gen)
         p, q = torch.rand(B, n, 2, generator=gen).to(device), torch.rand(B, m, 2, generator=gen).to(device)
-        got = poisoned.cost_matrix(s, t, p, q, 1.0, 1.0, 0.3, 0.2)
+        got = poisoned.cost_matrix(s, t, p, q, *COST)
         want = reference.cost_matrix(s.double(), t.double(), p.double(), q.double())
         torch.testing.assert_close(got.double(), want, atol=2e-6 * max(1, math.sqrt(d) / 8), rtol=0)
     lens, keep = [5, 1, 17], [2, 1, 9]
@@ -112,7 +113,7 @@ def test_cost_matrix_kernel_noncontiguous(poisoned, device):
     s = _feat((B, d, n), torch.float32, device, gen).transpose(1, 2)  # stride 1 on n, not on d
     t = _feat((B, m, d), torch.float32, device, gen, contiguous=False)
     p = torch.rand(B, 2, n, generator=gen).to(device).transpose(1, 2)  # column stride n
-    got = poisoned.cost_matrix(s, t, p, p[:, :m], 1.0, 1.0, 0.3, 0.2)
+    got = poisoned.cost_matrix(s, t, p, p[:, :m], *COST)
     want = reference.cost_matrix(s.double(), t.double(), p.double(), p[:, :m].double())
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
 
@@ -140,8 +141,8 @@ def test_sinkhorn_kernel(poisoned, device, marginals):
             b = torch.rand(B, m, generator=gen, dtype=torch.float64) + 0.1
             a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
         f, g = poisoned.sinkhorn(C, None if a is None else a.log().float().to(device),
-                                 None if b is None else b.log().float().to(device), 0.1, 4, 0.0)
-        fr, gr = reference.sinkhorn(C.double().cpu(), a, b, eps=0.1, n_iters=4)
+                                 None if b is None else b.log().float().to(device), 0.1, 4, 0.0, 0.3, math.inf)
+        fr, gr = reference.sinkhorn(C.double().cpu(), a, b, eps=0.1, n_iters=4, tau_a=0.3)
         torch.testing.assert_close(f.double().cpu(), fr, atol=2e-5, rtol=0)
         torch.testing.assert_close(g.double().cpu(), gr, atol=2e-5, rtol=0)
 
@@ -154,7 +155,7 @@ def test_sinkhorn_kernel_tol_exits_per_segment(poisoned, device):
     n, m = _big(device, (13, 11), (577, 300))
     C = torch.cat([_cost(1, n, m, device, gen, scale) for scale in (0.02, 0.2, 0.5, 3.0)])
     n_iters, tol = 30, 1e-3
-    f, g = poisoned.sinkhorn(C, None, None, 0.1, n_iters, tol)
+    f, g = poisoned.sinkhorn(C, None, None, 0.1, n_iters, tol, math.inf, math.inf)
     fr, gr = reference.sinkhorn(C.double().cpu(), eps=0.1, n_iters=n_iters, tol=tol)
     torch.testing.assert_close(f.double().cpu(), fr, atol=5e-5, rtol=0)
     torch.testing.assert_close(g.double().cpu(), gr, atol=5e-5, rtol=0)

@@ -5,12 +5,14 @@ same ops as ``torch.ops.topv.*``, and the Hugging Face integration (:func:`enabl
 :func:`apply`, :func:`remove`), which imports transformers only when called.
 """
 
+from topv import defaults
 from topv.api import cost_matrix, grid_positions, prune, sinkhorn
 from topv.ops import available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "cost_matrix", "sinkhorn", "grid_positions", "available_backends", "enable", "apply", "remove"]
+__all__ = ["prune", "cost_matrix", "sinkhorn", "grid_positions", "available_backends", "defaults", "enable", "apply",
+           "remove"]
 
 
 def __getattr__(name):

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from topv.reference import relaxation
 from topv.triton_kernels.cost_matrix import _cost_kernel, _cost_split_epilogue_kernel, _row_inv_norm_kernel
 from topv.triton_kernels.prune import _compact_kernel, _top_flag_kernel
 from topv.triton_kernels.sinkhorn import _sinkhorn_merge_kernel, _sinkhorn_row_kernel
@@ -147,8 +148,9 @@ def _launch_cost(s, t, p, q, inv_s, inv_t, out, seg, *, padded, n_pad, m_pad, n_
     if split > 1:
         ebm, ebn = (16, 32) if _INTERPRET else (32, 128)
         _cost_split_epilogue_kernel[(_cdiv(rows_max, ebm), _cdiv(cols_max, ebn), n_seg)](
-            part, p, q, inv_s, inv_t, out, seg, n_pad, m_pad, split, c_total,
-            *p_strides, *q_strides, c_sb, ldc, *consts, PADDED=padded, BM=ebm, BN=ebn, num_warps=4,
+            part, s, t, p, q, inv_s, inv_t, out, seg, n_pad, m_pad, d, split, c_total,
+            *s_strides, *t_strides, *p_strides, *q_strides, c_sb, ldc, *consts, PADDED=padded, BM=ebm, BN=ebn,
+            num_warps=4,
         )
 
 
@@ -160,8 +162,10 @@ class _Sinkhorn:
     """
 
     def __init__(self, device, seg, *, padded, n_pad, m_pad, n_seg, n_max, m_max, rows_total, cols_total,
-                 tol, la=None, lb=None, score=None, bm=None, slab_rows=None):
+                 eps, tol, tau_a, tau_b=math.inf, la=None, lb=None, score=None, bm=None, slab_rows=None):
         self.seg, self.padded, self.n_pad, self.m_pad, self.n_seg = seg, padded, n_pad, m_pad, n_seg
+        self.kappa_a, self.kappa_b = relaxation(tau_a, eps), relaxation(tau_b, eps)
+        self.rho_a = 0.0 if math.isinf(tau_a) else eps / tau_a
         self.n_max, self.m_max, self.m_total, self.tol = n_max, m_max, cols_total, tol
         self.bm, self.bn, self.one_chunk, self.warps = _row_config(n_max, m_max, n_seg)
         if bm is not None:
@@ -191,7 +195,7 @@ class _Sinkhorn:
         row_hi = self.n_max if row_hi is None else row_hi
         grid = (_cdiv(row_hi - row_lo, self.bm), self.n_seg)
         _sinkhorn_row_kernel[grid](
-            k, self.seg, self.n_pad, self.m_pad, row_lo, row_hi, c_row0, k_scale,
+            k, self.seg, self.n_pad, self.m_pad, row_lo, row_hi, c_row0, k_scale, self.kappa_a, self.rho_a,
             self.f, self.fn, self.g, self.la if self.la is not None else self.f,
             self.pmax, self.psum, self.vpart, self.score if self.score is not None else self.f, self.done,
             self.m_total, self.n_seg,
@@ -210,6 +214,7 @@ class _Sinkhorn:
             self.pmax, self.psum, self.vpart, self.f, self.fn, self.g,
             self.lb if self.lb is not None else self.g, self.done, self.seg, self.amax, self.asum,
             self.n_pad, self.m_pad, self.m_total, self.n_seg, self.bm, _cdiv(rows, self.bm), float(self.tol),
+            self.kappa_b,
             PADDED=self.padded, FIRST=t == 1, HAS_TOL=has_tol, CHECK=has_tol and t >= 2,
             HAS_LB=self.lb is not None, ACC_IN=not first_slab, ACC_OUT=not last_slab,
             BLOCK=_MERGE_BLOCK, RB=_MERGE_RB, VBLOCK=32, num_warps=4,
@@ -238,11 +243,11 @@ def cost_matrix(s, t, p, q, alpha, beta, gamma, sigma):
     return out
 
 
-def sinkhorn(C, log_a, log_b, eps, n_iters, tol):
+def sinkhorn(C, log_a, log_b, eps, n_iters, tol, tau_a, tau_b):
     """Potentials (f (B, n), g (B, m)) float32 of log-domain Sinkhorn on C (B, n, m) contiguous."""
     B, n, m = C.shape
     sk = _Sinkhorn(C.device, C, padded=True, n_pad=n, m_pad=m, n_seg=B, n_max=n, m_max=m, rows_total=B * n,
-                   cols_total=B * m, tol=tol, la=log_a, lb=log_b)
+                   cols_total=B * m, eps=eps, tol=tol, tau_a=tau_a, tau_b=tau_b, la=log_a, lb=log_b)
     for it in range(1, n_iters + 1):
         sk.row_pass(C, LOG2E / eps, it)
         sk.merge(it)
@@ -268,8 +273,24 @@ def _plan(segs, device):
     return n_max, k_elems, 4 * k_elems + _Sinkhorn.partial_bytes(n_max, n_max, segs.count, T) <= WORKSPACE_BYTES
 
 
-def prune(src, tgt, pos, segs, params, check_finite):
-    """TopV on packed rows src/tgt (T, d); see topv.ops for the layouts. Returns (kept, scores, bad)."""
+def _packed_rows(x: torch.Tensor) -> torch.Tensor:
+    """(T, d) with unit stride on d: a view when the layout allows, else one copy."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def prune(source, target, pos, segs, params, check_finite):
+    """TopV (the launcher contract of topv/_reference.py). Returns (kept, scores, bad)."""
+    src, tgt = _packed_rows(source), _packed_rows(target)
+    if pos.dim() == 3:
+        pos = pos.reshape(-1, 2)
+    kept, scores, bad = _prune_packed(src, tgt, pos, segs, params, check_finite)
+    if source.dim() == 3:
+        kept, scores = kept.view(segs.count, segs.keep[0]), scores.view(source.shape[:2])
+    return kept, scores, bad
+
+
+def _prune_packed(src, tgt, pos, segs, params, check_finite):
     dev = src.device
     T, d = src.shape
     S = segs.count
@@ -296,7 +317,7 @@ def prune(src, tgt, pos, segs, params, check_finite):
             t_strides=(n_pad * tgt.stride(0), tgt.stride(0), 1), p_strides=p_strides, q_strides=p_strides,
             c_sb=n_pad * n_pad, ldc=n_pad, rows_max=n_max, cols_max=n_max, c_total=k.numel(), **cost_kw)
         sk = _Sinkhorn(dev, table, padded=padded, n_pad=n_pad, m_pad=n_pad, n_seg=S, n_max=n_max, m_max=n_max,
-                       rows_total=T, cols_total=T, tol=params.tol, score=scores)
+                       rows_total=T, cols_total=T, eps=params.eps, tol=params.tol, tau_a=params.tau, score=scores)
         for it in range(1, params.n_iters + 1):
             sk.row_pass(k, 1.0, it)
             sk.merge(it)
@@ -349,7 +370,7 @@ def _prune_one_streamed(src, tgt, pos, inv_s, inv_t, scores, params, cost_kw):
     n_slabs = _cdiv(n, slab_max)
     slab = _cdiv(_cdiv(n, n_slabs), bm) * bm
     sk = _Sinkhorn(dev, scores, padded=True, n_pad=n, m_pad=n, n_seg=1, n_max=n, m_max=n, rows_total=n,
-                   cols_total=n, tol=params.tol, score=scores, bm=bm, slab_rows=slab)
+                   cols_total=n, eps=params.eps, tol=params.tol, tau_a=params.tau, score=scores, bm=bm, slab_rows=slab)
     work = _empty(min(slab, n) * n, torch.float32, dev)
     bounds = [(lo, min(lo + slab, n)) for lo in range(0, n, slab)]
     resident = None

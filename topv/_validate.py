@@ -67,6 +67,12 @@ def sinkhorn_params(eps: float, n_iters: int, tol: float) -> None:
     nonnegative("tol", tol)
 
 
+def relaxation(name: str, value: float) -> None:
+    """A marginal's KL weight: > 0, and inf (an exact marginal) allowed."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):  # NaN fails too
+        raise ValueError(f"{name} must be a number > 0 (inf for an exact marginal), got {value!r}")
+
+
 def recover_ratio(value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
         raise ValueError(f"recover_ratio must lie in [0, 1), got {value!r}")

@@ -1,5 +1,6 @@
-"""Typed public functions. Each is a thin call into the ``torch.ops.topv`` op of the same name,
-so the typed API, ``torch.ops.topv.*`` and ``torch.compile`` all see one implementation."""
+"""Typed public functions. Each runs the kernel of the ``torch.ops.topv`` op of the same name: straight
+from Python when nothing traces the call, else through the dispatcher (torch.compile, FakeTensor,
+make_fx), so the typed API, ``torch.ops.topv.*`` and ``torch.compile`` share one implementation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from topv import _validate as V
-from topv import ops as _ops  # noqa: F401  (defines the torch.ops.topv schemas)
+from topv import defaults as D
+from topv import ops as _ops
 
 
 def _int_arg(name: str, value) -> int:
@@ -38,10 +40,10 @@ def cost_matrix(
     src_pos: torch.Tensor,
     tgt_pos: torch.Tensor | None = None,
     *,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 0.3,
-    sigma: float = 0.2,
+    alpha: float = D.ALPHA,
+    beta: float = D.BETA,
+    gamma: float = D.GAMMA,
+    sigma: float = D.SIGMA,
     backend: str = "auto",
 ) -> torch.Tensor:
     """TopV transport cost between source and target tokens (``docs/algorithm.md``).
@@ -58,8 +60,10 @@ def cost_matrix(
     float32 (n, m) or (B, n, m):
     ``alpha (1 - cos)/2 + beta (1 - exp(-|p_i - q_j|^2 / 2 sigma^2)) + gamma |p_i - c| / sqrt(0.5)``.
     """
-    return torch.ops.topv.cost_matrix(source, target, src_pos, tgt_pos, alpha=alpha, beta=beta, gamma=gamma,
-                                      sigma=sigma, backend=backend)
+    if _ops.traced(source, target, src_pos, tgt_pos):
+        return torch.ops.topv.cost_matrix(source, target, src_pos, tgt_pos, alpha=alpha, beta=beta, gamma=gamma,
+                                          sigma=sigma, backend=backend)
+    return _ops.cost_matrix_eager(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma, backend)
 
 
 def sinkhorn(
@@ -67,26 +71,40 @@ def sinkhorn(
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
-    eps: float = 0.1,
-    n_iters: int = 3,
-    tol: float = 0.0,
+    eps: float = D.EPS,
+    n_iters: int = D.N_ITERS,
+    tol: float = D.TOL,
+    tau_a: float = D.TAU_A,
+    tau_b: float = D.TAU_B,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched log-domain Sinkhorn; returns float32 potentials (f, g).
+    """Batched log-domain Sinkhorn, balanced or (semi-)unbalanced; returns float32 potentials (f, g).
+
+    Solves ``min <C, P> + eps sum P (log P - 1) + tau_a KL(P 1 | a) + tau_b KL(P^T 1 | b)`` per
+    batch element (generalised KL; ``tau = inf`` keeps that marginal exact, so the defaults are
+    balanced OT, as POT's ``ot.sinkhorn``; finite values are POT's
+    ``ot.unbalanced.sinkhorn_knopp_unbalanced(..., reg_m=(tau_a, tau_b), reg_type="entropy")``).
 
     Parameters
     ----------
     cost : float32 (n, m) or (B, n, m)
     a, b : optional positive marginals, (n,)/(B, n) and (m,)/(B, m); uniform when None
     eps : entropic regularisation (> 0)
-    n_iters : iterations, each an f update then a g update
-    tol : if > 0, a batch element stops after the first iteration whose plan has L1
-        row-marginal violation below ``tol`` (checked on the device, no host sync)
+    n_iters : iterations from f = g = 0, each an f update then a g update:
+        ``f <- kappa_a (eps log a - eps LSE_j((g_j - C_ij)/eps))`` with ``kappa_a = tau_a/(tau_a + eps)``
+        (1 for inf), and the same for g over the columns
+    tol : if > 0, a batch element stops after the first iteration whose plan meets
+        ``sum_i |sum_j P_ij - a_i exp(-f_i/tau_a)| < tol`` (checked on the device, no host sync)
+    tau_a, tau_b : KL weights of the source / target marginal (> 0; inf: exact)
 
-    The plan is ``P = exp((f_i + g_j - C_ij) / eps)``; its columns match ``b`` exactly.
+    The plan is ``P = exp((f_i + g_j - C_ij) / eps)``; with ``tau_b = inf`` its columns match ``b``
+    exactly.
     """
-    return torch.ops.topv.sinkhorn(cost, a, b, eps=eps, n_iters=_int_arg("n_iters", n_iters), tol=tol,
-                                   backend=backend)
+    n_iters = _int_arg("n_iters", n_iters)
+    if _ops.traced(cost, a, b):
+        return torch.ops.topv.sinkhorn(cost, a, b, eps=eps, n_iters=n_iters, tol=tol, tau_a=tau_a, tau_b=tau_b,
+                                       backend=backend)
+    return _ops.sinkhorn_eager(cost, a, b, eps, n_iters, tol, tau_a, tau_b, backend)
 
 
 def prune(
@@ -96,14 +114,15 @@ def prune(
     keep: int | Sequence[int],
     *,
     seg_lens: Sequence[int] | None = None,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 0.3,
-    sigma: float = 0.2,
-    eps: float = 0.1,
-    n_iters: int = 3,
-    tol: float = 0.0,
-    recover_ratio: float = 0.25,
+    alpha: float = D.ALPHA,
+    beta: float = D.BETA,
+    gamma: float = D.GAMMA,
+    sigma: float = D.SIGMA,
+    eps: float = D.EPS,
+    tau: float = D.TAU,
+    n_iters: int = D.N_ITERS,
+    tol: float = D.TOL,
+    recover_ratio: float = D.RECOVER_RATIO,
     check_finite: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +136,11 @@ def prune(
     int64 (sum(keep),), indices into the packed tensor, ascending within each segment, segments
     in order; scores float32 (T,). A 2-D source without ``seg_lens`` is one segment.
 
-    Scores have mean 1 per segment. ``keep - floor(recover_ratio * keep)`` tokens are the top
+    The importance of source token i is ``n * sum_j P_ij`` (mean 1 per segment) for the
+    semi-relaxed transport plan P of the TopV cost (docs/algorithm.md): the target marginal is
+    exact, the source marginal carries the KL weight ``tau`` (``tau=float("inf")`` gives balanced
+    OT, whose scores all tend to 1 as iterations grow: the ranking is then an artefact of stopping
+    early, and ``gamma`` has no effect). ``keep - floor(recover_ratio * keep)`` tokens are the top
     scores (ties to the lower index), the rest are spread uniformly over the remaining ones.
     Features may be float32/float16/bfloat16; math is float32. ``check_finite`` raises on NaN/Inf
     inputs at the cost of one host sync; pass False for CUDA-graph capture. The result is
@@ -128,7 +151,11 @@ def prune(
     if isinstance(keep, int) and not isinstance(keep, bool):
         keep = [keep] if seg_lens is None else [keep] * len(seg_lens)
     keep = V.int_list("keep", keep)
-    return torch.ops.topv.prune(
-        source, target, positions, keep, seg_lens=seg_lens, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, eps=eps,
-        n_iters=_int_arg("n_iters", n_iters), tol=tol, recover_ratio=recover_ratio, check_finite=check_finite,
-        backend=backend)
+    n_iters = _int_arg("n_iters", n_iters)
+    if _ops.traced(source, target, positions):
+        return torch.ops.topv.prune(
+            source, target, positions, keep, seg_lens=seg_lens, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma,
+            eps=eps, tau=tau, n_iters=n_iters, tol=tol, recover_ratio=recover_ratio, check_finite=check_finite,
+            backend=backend)
+    params = _ops.PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
+    return _ops.prune_eager(source, target, positions, keep, seg_lens, params, check_finite, backend)

@@ -1,53 +1,58 @@
-"""The ``topv`` operator library: schemas, fake kernels, validation and backend routing.
+"""The ``topv`` operator library: schemas, fake kernels, validation, and the route to a backend.
 
 Python owns every ``topv::`` schema, so ``torch.ops.topv.*`` and its fake kernel exist on any
 machine, with or without the C++ extension or Triton. Two families:
 
 * public ops ``topv::cost_matrix``, ``topv::sinkhorn``, ``topv::prune``: validate their
-  arguments (host-side only), resolve ``backend`` and run it. One Python kernel serves every
-  device (CompositeExplicitAutograd); fake kernels serve Meta/FakeTensor.
+  arguments (host-side only), resolve ``backend`` (:mod:`topv.backends`) and call its launcher.
+  One Python kernel serves every device (CompositeExplicitAutograd); fake kernels serve
+  Meta/FakeTensor.
 * native ops ``topv::cost_matrix_native``, ``topv::sinkhorn_native``, ``topv::prune_native``:
   raw entry points into the C++ extension (``topv._C``), which registers their CPU and CUDA
   kernels with ``TORCH_LIBRARY_IMPL``. They take already-normalised inputs and are what a C++
-  stack calls through the dispatcher; the public ops route ``backend="cuda"``/``"cpp"`` to them.
+  stack calls through the dispatcher; the ``cuda`` and ``cpp`` launchers call them.
 
-Backends: ``reference`` (eager PyTorch, any device), ``triton`` (CUDA tensors; CPU tensors under
-``TRITON_INTERPRET=1``), ``cuda`` (C++ extension on CUDA tensors), ``cpp`` (C++ extension on
-CPU tensors). ``auto`` picks the fastest available one. Asking for an unavailable backend raises;
-nothing falls back silently.
+The typed API (:mod:`topv.api`) calls the public ops' kernels (``*_eager``) directly when nothing
+traces the call (no torch.compile, no dispatch mode, plain tensors): the same code, without the
+dispatcher's round trip into Python. Asking for an unavailable backend raises; nothing falls
+back silently.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
+import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from topv import _validate as V
-from topv import reference
-
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
+from topv import backends
+from topv import defaults as D
+from topv.backends import available_backends, resolve_backend  # noqa: F401  (the public names)
 
 _lib = torch.library.Library("topv", "DEF")  # kept alive at module level: it owns the schemas
 
-_COST_ARGS = "float alpha=1.0, float beta=1.0, float gamma=0.3, float sigma=0.2"
-_SINKHORN_ARGS = "float eps=0.1, int n_iters=3, float tol=0.0"
+_COST_ARGS = f"float alpha={D.ALPHA!r}, float beta={D.BETA!r}, float gamma={D.GAMMA!r}, float sigma={D.SIGMA!r}"
 _lib.define(
     "cost_matrix(Tensor source, Tensor target, Tensor src_pos, Tensor? tgt_pos=None, *, "
     f"{_COST_ARGS}, str backend='auto') -> Tensor"
 )
-_lib.define(f"sinkhorn(Tensor cost, Tensor? a=None, Tensor? b=None, *, {_SINKHORN_ARGS}, str backend='auto') -> (Tensor, Tensor)")
+# A schema cannot spell inf: None stands for it (an exact marginal), and inf itself is accepted.
+_lib.define(
+    f"sinkhorn(Tensor cost, Tensor? a=None, Tensor? b=None, *, float eps={D.EPS!r}, int n_iters={D.N_ITERS}, "
+    f"float tol={D.TOL!r}, float? tau_a=None, float? tau_b=None, str backend='auto') -> (Tensor, Tensor)"
+)
 _lib.define(
     "prune(Tensor source, Tensor target, Tensor positions, int[] keep, *, int[]? seg_lens=None, "
-    f"{_COST_ARGS}, {_SINKHORN_ARGS}, float recover_ratio=0.25, bool check_finite=True, "
-    "str backend='auto') -> (Tensor, Tensor)"
+    f"{_COST_ARGS}, float eps={D.EPS!r}, float tau={D.TAU!r}, int n_iters={D.N_ITERS}, float tol={D.TOL!r}, "
+    f"float recover_ratio={D.RECOVER_RATIO!r}, bool check_finite=True, str backend='auto') -> (Tensor, Tensor)"
 )
 # Native entry points (implemented in csrc/). Inputs are normalised by the public op:
 # cost_matrix_native: source (B,n,d), target (B,m,d), src_pos (B,n,2) f32, tgt_pos (B,m,2) f32.
-# sinkhorn_native: cost (B,n,m) f32 contiguous, log_a (B,n)/log_b (B,m) f32 or None for uniform.
+# sinkhorn_native: cost (B,n,m) f32 contiguous, log_a (B,n)/log_b (B,m) f32 or None for uniform;
+#   tau_a/tau_b the marginals' KL weights (inf: exact).
 # prune_native: packed source/target (T,d) with unit stride on d, positions (T,2) or, for a padded
 #   batch, the shared (n,2) f32 contiguous; `padded` makes kept indices local to each segment.
 #   Returns (kept int64 (sum(keep),), scores f32 (T,), nonfinite int32 (1,): nonzero when any
@@ -56,10 +61,13 @@ _lib.define(
     "cost_matrix_native(Tensor source, Tensor target, Tensor src_pos, Tensor tgt_pos, "
     "float alpha, float beta, float gamma, float sigma) -> Tensor"
 )
-_lib.define("sinkhorn_native(Tensor cost, Tensor? log_a, Tensor? log_b, float eps, int n_iters, float tol) -> (Tensor, Tensor)")
+_lib.define(
+    "sinkhorn_native(Tensor cost, Tensor? log_a, Tensor? log_b, float eps, int n_iters, float tol, float tau_a, "
+    "float tau_b) -> (Tensor, Tensor)"
+)
 _lib.define(
     "prune_native(Tensor source, Tensor target, Tensor positions, int[] seg_lens, int[] keep, "
-    "bool padded, float alpha, float beta, float gamma, float sigma, float eps, int n_iters, "
+    "bool padded, float alpha, float beta, float gamma, float sigma, float eps, float tau, int n_iters, "
     "float tol, float recover_ratio, bool check_finite) -> (Tensor, Tensor, Tensor)"
 )
 
@@ -83,9 +91,12 @@ class Segments:
     padded: bool
     starts: tuple[int, ...] = field(init=False)
     out_starts: tuple[int, ...] = field(init=False)
+    lens_list: list[int] = field(init=False, repr=False)  # as the native ops take them
+    keep_list: list[int] = field(init=False, repr=False)
     _device_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
+        self.lens_list, self.keep_list = list(self.lens), list(self.keep)
         starts, out_starts, s, o = [], [], 0, 0
         for n, k in zip(self.lens, self.keep):
             starts.append(s)
@@ -115,98 +126,21 @@ class Segments:
         return self._device_cache[key]
 
 
-@dataclass(frozen=True)
-class PruneParams:
+class PruneParams(NamedTuple):  # a NamedTuple: built on every call, in well under a microsecond
     alpha: float
     beta: float
     gamma: float
     sigma: float
     eps: float
+    tau: float
     n_iters: int
     tol: float
     recover_ratio: float
 
 
 # --------------------------------------------------------------------------------------------
-# Backends
+# Routing
 # --------------------------------------------------------------------------------------------
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401  (imported only when a device could use it)
-    except ImportError:
-        return False
-    # A source tree used without `pip install` lacks the topv.triton_kernels mapping.
-    return importlib.util.find_spec("topv.triton_kernels") is not None
-
-
-def _native_has(op: str, key: str) -> bool:
-    from topv import _ext
-
-    return _ext.loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"topv::{op}_native", key)
-
-
-def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that can run tensors on ``device`` in this process (``auto`` excluded)."""
-    device = torch.device(device)
-    out = ["reference"]
-    if (device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())) and _has_triton():
-        out.append("triton")
-    if device.type == "cuda" and _native_has("prune", "CUDA"):
-        out.append("cuda")
-    if device.type == "cpu" and _native_has("prune", "CPU"):
-        out.append("cpp")
-    return out
-
-
-def _why_unavailable(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        if not _has_triton():
-            return "Triton or topv.triton_kernels is not importable (install topv with pip so triton_kernels/ maps to it)"
-        return "Triton runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 is set before topv is imported)"
-    if backend in ("cuda", "cpp"):
-        from topv import _ext
-
-        if not _ext.loaded():
-            return f"the C++ extension topv._C is not built or failed to load ({_ext.load_error()})"
-        return f"'{backend}' runs {'CUDA' if backend == 'cuda' else 'CPU'} tensors and topv._C has no such kernel"
-    return "unknown reason"
-
-
-# How `auto` chooses on CUDA, from bench/results/h100 (H100, bf16, 3 iterations, 2026-11-25):
-# launched from Python, the CUDA C++ path was the faster one at every prune shape measured (B=1,
-# n=576: 70-121 µs against 903-1064 for Triton, whose ~13 launches are host-bound; B=16: 229
-# against 814; B=64: 685 against 999; n=2880: 421 against 1013; n=16384: 20.5 against 20.3 ms, a
-# tie), and its Sinkhorn alone was too. Replayed from a CUDA graph Triton still wins at B=1 (58
-# against 66 µs) and n=2880 (326 against 410), but `auto` does not switch on capture: the eager
-# warm-up before a capture must build the same backend's per-layout tables. Pass
-# backend="triton" explicitly to capture the fastest replay at those shapes. On CPU the C++
-# kernels beat the eager reference 5-6x on bf16 features and ~3x on fp32 at n=576, d=1024
-# (bench/results/cpu).
-def _auto(device: torch.device, avail: list[str]) -> str:
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-    return next((b for b in order if b in avail), "reference")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for tensors on ``device`` (``auto`` resolved, availability checked)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    avail = available_backends(device)
-    if backend == "auto":
-        return _auto(device, avail)
-    if backend not in avail:
-        raise ValueError(
-            f"backend={backend!r} is not available for tensors on {device}: {_why_unavailable(backend, device)}. "
-            f"Available here: {avail}"
-        )
-    return backend
 
 
 def _impl(name: str):
@@ -215,11 +149,16 @@ def _impl(name: str):
     return torch.library.impl(_lib, name, "CompositeExplicitAutograd")
 
 
-@functools.cache
-def _triton_backend():
-    from topv import _triton
+_MODE_KEYS = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # FAKE, PROXY, FUNCTIONAL
 
-    return _triton
+
+def traced(*tensors) -> bool:
+    """Whether a call must go through the dispatcher rather than run its kernel directly:
+    torch.compile, an active dispatch mode (FakeTensor, make_fx, functionalisation, any user mode),
+    or tensor subclasses. Costs ~1 µs."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or any(torch._C._get_dispatch_mode(k) is not None for k in _MODE_KEYS)
+            or any(type(t) is not torch.Tensor for t in tensors if t is not None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,26 +193,28 @@ def _batched_pos(pos: torch.Tensor, batch: int) -> torch.Tensor:
     return pos.expand(batch, *pos.shape[-2:]) if pos.dim() == 2 else pos
 
 
-@_impl("cost_matrix")
-def _cost_matrix(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, backend="auto"):
+def cost_matrix_eager(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma, backend):
+    """The kernel of ``topv::cost_matrix``."""
     _check_cost_matrix(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma)
-    backend = resolve_backend(backend, source.device)
+    run = backends.resolve(backend, source.device).launchers
     squeeze = source.dim() == 2
     s, t = (source[None], target[None]) if squeeze else (source, target)
     B = s.shape[0]
     p = _batched_pos(src_pos, B)
     q = p if tgt_pos is None else _batched_pos(tgt_pos, B)
-    if backend == "reference":
-        out = reference.cost_matrix(s, t, p, q, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma).float()
-    elif backend == "triton":
-        out = _triton_backend().cost_matrix(s, t, p, q, alpha, beta, gamma, sigma)
-    else:
-        out = torch.ops.topv.cost_matrix_native.default(s, t, p, q, alpha, beta, gamma, sigma)
+    out = run.cost_matrix(s, t, p, q, alpha, beta, gamma, sigma)
     return out[0] if squeeze else out
 
 
+@_impl("cost_matrix")
+def _cost_matrix(source, target, src_pos, tgt_pos=None, *, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA, sigma=D.SIGMA,
+                 backend="auto"):
+    return cost_matrix_eager(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma, backend)
+
+
 @torch.library.register_fake("topv::cost_matrix")
-def _cost_matrix_fake(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, backend="auto"):
+def _cost_matrix_fake(source, target, src_pos, tgt_pos=None, *, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA,
+                      sigma=D.SIGMA, backend="auto"):
     _check_cost_matrix(source, target, src_pos, tgt_pos, alpha, beta, gamma, sigma)
     return source.new_empty((*source.shape[:-1], target.shape[-2]), dtype=torch.float32)
 
@@ -283,7 +224,7 @@ def _cost_matrix_fake(source, target, src_pos, tgt_pos=None, *, alpha=1.0, beta=
 # --------------------------------------------------------------------------------------------
 
 
-def _check_sinkhorn(cost, a, b, eps, n_iters, tol):
+def _check_sinkhorn(cost, a, b, eps, n_iters, tol, tau_a, tau_b):
     V.tensor("cost", cost, ndims=(2, 3), dtypes=(torch.float32,))
     n, m = cost.shape[-2:]
     if n < 1 or m < 1:
@@ -298,6 +239,8 @@ def _check_sinkhorn(cost, a, b, eps, n_iters, tol):
             raise ValueError(f"{name} must have shape {want} to match cost {tuple(cost.shape)}, got {tuple(w.shape)}")
     V.same_device(cost=cost, a=a, b=b)
     V.sinkhorn_params(eps, n_iters, tol)
+    V.relaxation("tau_a", tau_a)
+    V.relaxation("tau_b", tau_b)
 
 
 def _log_weights(w: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -309,29 +252,35 @@ def _log_weights(w: torch.Tensor | None, name: str) -> torch.Tensor | None:
     return torch.log(w)
 
 
-@_impl("sinkhorn")
-def _sinkhorn(cost, a=None, b=None, *, eps=0.1, n_iters=3, tol=0.0, backend="auto"):
-    _check_sinkhorn(cost, a, b, eps, n_iters, tol)
-    backend = resolve_backend(backend, cost.device)
+def _exact_if_none(tau):
+    return math.inf if tau is None else tau
+
+
+def sinkhorn_eager(cost, a, b, eps, n_iters, tol, tau_a, tau_b, backend):
+    """The kernel of ``topv::sinkhorn`` (tau None: an exact marginal)."""
+    tau_a, tau_b = _exact_if_none(tau_a), _exact_if_none(tau_b)
+    _check_sinkhorn(cost, a, b, eps, n_iters, tol, tau_a, tau_b)
+    run = backends.resolve(backend, cost.device).launchers
     squeeze = cost.dim() == 2
-    C = cost[None] if squeeze else cost
+    C = (cost[None] if squeeze else cost).contiguous()
     log_a, log_b = _log_weights(a, "a"), _log_weights(b, "b")  # also validates the marginals
-    if backend == "reference":
-        f, g = reference.sinkhorn(C, a, b, eps=eps, n_iters=n_iters, tol=tol)
-        f, g = f.float(), g.float()
-    else:
-        if log_a is not None:
-            log_a = log_a.expand(C.shape[0], C.shape[1]).contiguous()
-        if log_b is not None:
-            log_b = log_b.expand(C.shape[0], C.shape[2]).contiguous()
-        run = _triton_backend().sinkhorn if backend == "triton" else torch.ops.topv.sinkhorn_native.default
-        f, g = run(C.contiguous(), log_a, log_b, eps, n_iters, tol)
+    if log_a is not None:
+        log_a = log_a.expand(C.shape[0], C.shape[1]).contiguous()
+    if log_b is not None:
+        log_b = log_b.expand(C.shape[0], C.shape[2]).contiguous()
+    f, g = run.sinkhorn(C, log_a, log_b, eps, n_iters, tol, tau_a, tau_b)
     return (f[0], g[0]) if squeeze else (f, g)
 
 
+@_impl("sinkhorn")
+def _sinkhorn(cost, a=None, b=None, *, eps=D.EPS, n_iters=D.N_ITERS, tol=D.TOL, tau_a=None, tau_b=None, backend="auto"):
+    return sinkhorn_eager(cost, a, b, eps, n_iters, tol, tau_a, tau_b, backend)
+
+
 @torch.library.register_fake("topv::sinkhorn")
-def _sinkhorn_fake(cost, a=None, b=None, *, eps=0.1, n_iters=3, tol=0.0, backend="auto"):
-    _check_sinkhorn(cost, a, b, eps, n_iters, tol)
+def _sinkhorn_fake(cost, a=None, b=None, *, eps=D.EPS, n_iters=D.N_ITERS, tol=D.TOL, tau_a=None, tau_b=None,
+                   backend="auto"):
+    _check_sinkhorn(cost, a, b, eps, n_iters, tol, _exact_if_none(tau_a), _exact_if_none(tau_b))
     return cost.new_empty(cost.shape[:-1]), cost.new_empty((*cost.shape[:-2], cost.shape[-1]))
 
 
@@ -357,6 +306,7 @@ def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams)
     keep = V.int_list("keep", keep)
     V.cost_params(params.alpha, params.beta, params.gamma, params.sigma)
     V.sinkhorn_params(params.eps, params.n_iters, params.tol)
+    V.relaxation("tau", params.tau)
     V.recover_ratio(params.recover_ratio)
     if source.dim() == 3:
         if seg_lens is not None:
@@ -388,53 +338,34 @@ def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams)
     return tuple(seg_lens), tuple(keep), False
 
 
-def _nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
-    bad = torch.zeros((), dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        bad = bad | ~torch.isfinite(t).all()
-    return bad
+# Validated call layouts: a repeated call (an engine prunes every request with the same shapes)
+# skips the checks. The key holds everything the checks read; a SymInt shape (torch.compile)
+# never gets here (the fake kernel checks in full).
+_LAYOUTS: dict[tuple, Segments] = {}
+_MAX_LAYOUTS = 4096
 
 
-def _prune_reference(source, target, positions, segs: Segments, p: PruneParams):
-    kw = dict(alpha=p.alpha, beta=p.beta, gamma=p.gamma, sigma=p.sigma, eps=p.eps, n_iters=p.n_iters, tol=p.tol,
-              recover_ratio=p.recover_ratio)
-    if segs.padded:
-        pos = _batched_pos(positions, source.shape[0])
-        kept, scores = reference.prune_padded(source, target, pos, segs.keep[0], **kw)
-    else:
-        kept, scores = reference.prune_packed(source, target, positions.float(), list(segs.lens), list(segs.keep), **kw)
-    return kept, scores.float()
+def _prune_layout(source, target, positions, keep, seg_lens, params: PruneParams) -> Segments:
+    key = (source.shape, source.dtype, source.device, source.requires_grad, target.shape, target.dtype,
+           target.device, target.requires_grad, type(positions), *(
+               (positions.shape, positions.dtype, positions.device, positions.requires_grad)
+               if isinstance(positions, torch.Tensor) else ()),
+           tuple(keep), None if seg_lens is None else tuple(seg_lens), params)
+    segs = _LAYOUTS.get(key)
+    if segs is None:
+        segs = Segments.of(*_check_prune(source, target, positions, keep, seg_lens, params))
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = segs
+    return segs
 
 
-def _packed_rows(x: torch.Tensor) -> torch.Tensor:
-    """(T, d) with unit stride on d: a view when the layout allows, else one copy."""
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@_impl("prune")
-def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2, eps=0.1,
-           n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
-    params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
-    segs = Segments.of(*_check_prune(source, target, positions, keep, seg_lens, params))
-    backend = resolve_backend(backend, source.device)
-    if backend == "reference":
-        bad = _nonfinite_flag(source, target, positions) if check_finite else None
-        kept, scores = _prune_reference(source, target, positions, segs, params)
-    else:
-        pos = positions.to(torch.float32)
-        if segs.padded and pos.dim() == 3:
-            pos = pos.reshape(-1, 2)
-        pos = pos.contiguous()
-        src, tgt = _packed_rows(source), _packed_rows(target)
-        if backend == "triton":
-            kept, scores, bad = _triton_backend().prune(src, tgt, pos, segs, params, check_finite)
-        else:
-            kept, scores, bad = torch.ops.topv.prune_native.default(
-                src, tgt, pos, list(segs.lens), list(segs.keep), segs.padded, alpha, beta, gamma, sigma, eps,
-                n_iters, tol, recover_ratio, check_finite)
-        if segs.padded:
-            kept, scores = kept.view(segs.count, segs.keep[0]), scores.view(source.shape[:2])
+def prune_eager(source, target, positions, keep, seg_lens, params: PruneParams, check_finite, backend):
+    """The kernel of ``topv::prune``."""
+    segs = _prune_layout(source, target, positions, keep, seg_lens, params)
+    run = backends.resolve(backend, source.device).launchers
+    pos = positions if positions.dtype == torch.float32 else positions.float()
+    kept, scores, bad = run.prune(source, target, pos.contiguous(), segs, params, check_finite)
     if check_finite and bool(bad.any()):  # the one host sync of a checked call
         raise ValueError(
             "non-finite values (NaN or Inf) in source, target or positions; topv cannot rank such tokens. "
@@ -444,10 +375,19 @@ def _prune(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.
     return kept, scores
 
 
+@_impl("prune")
+def _prune(source, target, positions, keep, *, seg_lens=None, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA,
+           sigma=D.SIGMA, eps=D.EPS, tau=D.TAU, n_iters=D.N_ITERS, tol=D.TOL, recover_ratio=D.RECOVER_RATIO,
+           check_finite=True, backend="auto"):
+    params = PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
+    return prune_eager(source, target, positions, keep, seg_lens, params, check_finite, backend)
+
+
 @torch.library.register_fake("topv::prune")
-def _prune_fake(source, target, positions, keep, *, seg_lens=None, alpha=1.0, beta=1.0, gamma=0.3, sigma=0.2,
-                eps=0.1, n_iters=3, tol=0.0, recover_ratio=0.25, check_finite=True, backend="auto"):
-    params = PruneParams(alpha, beta, gamma, sigma, eps, n_iters, tol, recover_ratio)
+def _prune_fake(source, target, positions, keep, *, seg_lens=None, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA,
+                sigma=D.SIGMA, eps=D.EPS, tau=D.TAU, n_iters=D.N_ITERS, tol=D.TOL, recover_ratio=D.RECOVER_RATIO,
+                check_finite=True, backend="auto"):
+    params = PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
     _, keep, padded = _check_prune(source, target, positions, keep, seg_lens, params)
     if padded:
         return (source.new_empty((source.shape[0], keep[0]), dtype=torch.int64),
@@ -463,13 +403,13 @@ def _cost_matrix_native_fake(source, target, src_pos, tgt_pos, alpha, beta, gamm
 
 
 @torch.library.register_fake("topv::sinkhorn_native")
-def _sinkhorn_native_fake(cost, log_a, log_b, eps, n_iters, tol):
+def _sinkhorn_native_fake(cost, log_a, log_b, eps, n_iters, tol, tau_a, tau_b):
     return cost.new_empty(cost.shape[:2]), cost.new_empty((cost.shape[0], cost.shape[2]))
 
 
 @torch.library.register_fake("topv::prune_native")
-def _prune_native_fake(source, target, positions, seg_lens, keep, padded, alpha, beta, gamma, sigma, eps, n_iters,
-                       tol, recover_ratio, check_finite):
+def _prune_native_fake(source, target, positions, seg_lens, keep, padded, alpha, beta, gamma, sigma, eps, tau,
+                       n_iters, tol, recover_ratio, check_finite):
     return (source.new_empty((sum(keep),), dtype=torch.int64),
             source.new_empty((source.shape[0],), dtype=torch.float32),
             source.new_empty((1,), dtype=torch.int32))

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from topv import defaults as D
+
 _CENTRE = 0.5
 _MAX_CENTRE_DIST = math.sqrt(0.5)  # distance from (0.5, 0.5) to a corner of [0,1]^2
 
@@ -29,15 +31,15 @@ def cost_matrix(
     src_pos: torch.Tensor,
     tgt_pos: torch.Tensor | None = None,
     *,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 0.3,
-    sigma: float = 0.2,
+    alpha: float = D.ALPHA,
+    beta: float = D.BETA,
+    gamma: float = D.GAMMA,
+    sigma: float = D.SIGMA,
 ) -> torch.Tensor:
     """TopV cost ``C`` (B, n, m) from source (B, n, d), target (B, m, d), positions (B, n|m, 2)."""
     dt = _compute_dtype(source, target, src_pos)
-    s = source.to(dt)
-    t = target.to(dt)
+    s = _scaled_rows(source.to(dt))
+    t = _scaled_rows(target.to(dt))
     p = src_pos.to(dt)
     q = p if tgt_pos is None else tgt_pos.to(dt)
 
@@ -56,6 +58,21 @@ def cost_matrix(
     return alpha * feature + beta * spatial + gamma * centre[..., :, None]
 
 
+def _scaled_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with each row multiplied by a power of two that brings its largest magnitude into
+    [0.5, 1) (exact, and cosines are scale-free): the squares and dot products of finite rows then
+    neither overflow nor underflow in float32, whatever the rows' magnitude (|x| ~ 1e19 squares to
+    inf in float32). The exponent is clamped to what a normal float32 scale can express."""
+    _, e = torch.frexp(x.abs().amax(-1, keepdim=True))
+    return torch.ldexp(x, -e.clamp(-125, 126))
+
+
+def relaxation(tau: float, eps: float) -> float:
+    """kappa = tau / (tau + eps): the factor of a potential update whose marginal carries the KL
+    weight tau (1 for tau = inf, an exact marginal)."""
+    return 1.0 if math.isinf(tau) else tau / (tau + eps)
+
+
 def _log_marginal(w: torch.Tensor | None, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
     if w is None:
         return torch.full((batch, size), -math.log(size), dtype=like.dtype, device=like.device)
@@ -67,30 +84,36 @@ def sinkhorn(
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
-    eps: float = 0.1,
-    n_iters: int = 3,
-    tol: float = 0.0,
+    eps: float = D.EPS,
+    n_iters: int = D.N_ITERS,
+    tol: float = D.TOL,
+    tau_a: float = D.TAU_A,
+    tau_b: float = D.TAU_B,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn on cost (B, n, m); returns potentials f (B, n), g (B, m).
+    """Log-domain (semi-/un-)balanced Sinkhorn on cost (B, n, m); returns potentials f (B, n), g (B, m).
 
-    One iteration is the f update then the g update. With ``tol > 0`` a batch element freezes
-    after the first iteration whose plan has L1 row-marginal violation below ``tol``.
+    Solves ``min <C, P> + eps KL-entropy(P) + tau_a KL(P 1 | a) + tau_b KL(P^T 1 | b)`` (tau = inf:
+    that marginal is exact). One iteration is the f update then the g update, each scaled by its
+    ``relaxation``. With ``tol > 0`` a batch element freezes after the first iteration whose plan
+    has relaxed row violation ``sum_i |sum_j P_ij - a_i exp(-f_i / tau_a)|`` below ``tol``.
     """
     C = cost.to(_compute_dtype(cost))
     B, n, m = C.shape
     log_a = _log_marginal(a, B, n, C)
     log_b = _log_marginal(b, B, m, C)
+    ka, kb = relaxation(tau_a, eps), relaxation(tau_b, eps)
+    inv_tau_a = 0.0 if math.isinf(tau_a) else 1.0 / tau_a
     f = torch.zeros(B, n, dtype=C.dtype, device=C.device)
     g = torch.zeros(B, m, dtype=C.dtype, device=C.device)
     done = torch.zeros(B, dtype=torch.bool, device=C.device)
     for _ in range(n_iters):
-        f_new = eps * log_a - eps * torch.logsumexp((g[:, None, :] - C) / eps, dim=2)
-        g_new = eps * log_b - eps * torch.logsumexp((f_new[:, :, None] - C) / eps, dim=1)
+        f_new = ka * (eps * log_a - eps * torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
+        g_new = kb * (eps * log_b - eps * torch.logsumexp((f_new[:, :, None] - C) / eps, dim=1))
         f = torch.where(done[:, None], f, f_new)
         g = torch.where(done[:, None], g, g_new)
         if tol > 0:
             row_mass = plan(C, f, g, eps).sum(2)
-            violation = (row_mass - log_a.exp()).abs().sum(1)
+            violation = (row_mass - torch.exp(log_a - f * inv_tau_a)).abs().sum(1)
             done = done | (violation < tol)
     return f, g
 
@@ -127,18 +150,22 @@ def prune_padded(
     positions: torch.Tensor,
     keep: int,
     *,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 0.3,
-    sigma: float = 0.2,
-    eps: float = 0.1,
-    n_iters: int = 3,
-    tol: float = 0.0,
-    recover_ratio: float = 0.25,
+    alpha: float = D.ALPHA,
+    beta: float = D.BETA,
+    gamma: float = D.GAMMA,
+    sigma: float = D.SIGMA,
+    eps: float = D.EPS,
+    tau: float = D.TAU,
+    n_iters: int = D.N_ITERS,
+    tol: float = D.TOL,
+    recover_ratio: float = D.RECOVER_RATIO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TopV on a padded batch: source/target (B, n, d), positions (B, n, 2) -> kept (B, keep), scores (B, n)."""
+    """TopV on a padded batch: source/target (B, n, d), positions (B, n, 2) -> kept (B, keep), scores (B, n).
+
+    Semi-relaxed OT: the source marginal carries the KL weight ``tau``, the target marginal is exact.
+    """
     C = cost_matrix(source, target, positions, None, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma)
-    f, g = sinkhorn(C, eps=eps, n_iters=n_iters, tol=tol)
+    f, g = sinkhorn(C, eps=eps, n_iters=n_iters, tol=tol, tau_a=tau)
     s = scores(C, f, g, eps)
     return select(s, keep, recover_ratio), s
 

@@ -1,9 +1,20 @@
-"""TopV cost matrix kernels: row inverse norms (+ non-finite flag) and the fused GEMM + epilogue."""
+"""TopV cost matrix kernels: row inverse norms (+ non-finite flag) and the fused GEMM + epilogue.
+
+The float32 cosine acc * inv_s * inv_t is safe while each row's squared norm lies in
+[2^-60, 2^120]: no square, product or sum overflows, and what flushes to zero moves the cosine by
+< d 2^-66. A row outside that range (a zero row; |x| ~ 1e19, whose square is inf in float32; tiny
+values whose squares underflow) gets the inverse norm +inf, and the tiles that hold one recompute
+those cosines exactly in float64 (_store_exact): rare, and kept out of the GEMM's registers.
+"""
 
 import triton
 import triton.language as tl
 
 from .common import _segment
+
+MIN_SAFE_SQ = tl.constexpr(8.673617379884035e-19)  # 2^-60
+MAX_SAFE_SQ = tl.constexpr(1.329227995784916e36)  # 2^120
+EXACT_ROWS = tl.constexpr(8)  # rows per step of the float64 path (its accumulators stay small)
 
 
 @triton.jit
@@ -24,7 +35,9 @@ def _inv_norm_rows(x_ptr, inv_ptr, pos_ptr, bad_ptr, pid, rows, n_inner, d, pos_
         if CHECK:
             # |x| < inf is false for NaN and for +-Inf
             nbad += tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1)
-    inv = tl.where(ss > 0, 1.0 / tl.sqrt_rn(ss), 0.0)
+    safe = (ss >= MIN_SAFE_SQ) & (ss <= MAX_SAFE_SQ)
+    # NaN rows (ss is NaN) keep the plain formula: their scores are unspecified (check_finite).
+    inv = tl.where(safe | (ss != ss), 1.0 / tl.sqrt_rn(ss), float("inf"))
     tl.store(inv_ptr + r, inv, mask=rmask)
     if CHECK:
         pmask = r < pos_rows
@@ -41,8 +54,8 @@ def _row_inv_norm_kernel(
     x_sb, x_sr, x_sk, y_sb, y_sr, y_sk,
     CHECK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """inv[r] = 1/||row r|| (0 for a zero row) of x (program axis 1 = 0) or y (axis 1 = 1), each a
-    (B, inner, d) strided view flattened as r = b*inner + i.
+    """inv[r] = 1/||row r|| of x (program axis 1 = 0) or y (axis 1 = 1), each a (B, inner, d) strided
+    view flattened as r = b*inner + i; +inf for a row whose cosines take the float64 path.
 
     CHECK: also sets *bad_ptr to 1 when any element of these rows, or any of the first
     ``pos_rows`` (row, 2) positions at pos_ptr (checked with x), is NaN or Inf. Each element is
@@ -72,12 +85,9 @@ def _tile_rows(z, row0, col0, c_off, i, j, s_sb, s_sr, t_sb, t_sr, p_sb, p_sr, q
 
 
 @triton.jit
-def _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc,
-              alpha, beta, gamma, neg_half_inv_sigma2, out_scale):
-    """out_scale * C of a tile from its raw feature dot products acc (fp32)."""
-    inv_s = tl.load(inv_s_ptr + row0 + i, mask=imask, other=0.0)
-    inv_t = tl.load(inv_t_ptr + col0 + j, mask=jmask, other=0.0)
-    cos = acc * inv_s[:, None] * inv_t[None, :]
+def _cost_of(cos, imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha, beta, gamma, neg_half_inv_sigma2,
+             out_scale):
+    """out_scale * C of a tile from its cosines."""
     px = tl.load(p_ptr + p_row, mask=imask, other=0.0)
     py = tl.load(p_ptr + p_row + p_sc, mask=imask, other=0.0)
     qx = tl.load(q_ptr + q_row, mask=jmask, other=0.0)
@@ -90,6 +100,51 @@ def _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, 
     centre = tl.sqrt_rn(cx * cx + cy * cy) * 1.4142135623730951  # / sqrt(0.5)
     c = alpha * ((1.0 - cos) * 0.5) + beta * spatial + (gamma * centre)[:, None]
     return c * out_scale
+
+
+@triton.jit
+def _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc,
+              alpha, beta, gamma, neg_half_inv_sigma2, out_scale):
+    """out_scale * C of a tile from its raw feature dot products acc (fp32), and whether an entry
+    needs the float64 path (an inverse norm of +inf: the entry is then not final)."""
+    inv_s = tl.load(inv_s_ptr + row0 + i, mask=imask, other=1.0)
+    inv_t = tl.load(inv_t_ptr + col0 + j, mask=jmask, other=1.0)
+    inv = inv_s[:, None] * inv_t[None, :]
+    c = _cost_of(acc * inv, imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha, beta, gamma,
+                 neg_half_inv_sigma2, out_scale)
+    return c, tl.max(tl.where(inv == float("inf"), 1, 0))
+
+
+@triton.jit
+def _store_exact(s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, z, row0, col0, c_off, i_lo, n, row_hi, j,
+                 jmask, c_row0, d, s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc, c_sb, ldc,
+                 m, alpha, beta, gamma, neg_half_inv_sigma2, out_scale,
+                 PADDED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Overwrites the tile's entries whose row or column has the inverse norm +inf with C from the
+    cosine computed in float64 (no float32 square or product on the way), EXACT_ROWS rows at a time."""
+    inv_t = tl.load(inv_t_ptr + col0 + j, mask=jmask, other=1.0)
+    for r0 in range(0, BM, EXACT_ROWS):
+        i = i_lo + r0 + tl.arange(0, EXACT_ROWS)
+        imask = (i < n) & (i < row_hi)
+        inv_s = tl.load(inv_s_ptr + row0 + i, mask=imask, other=1.0)
+        redo = (inv_s[:, None] * inv_t[None, :] == float("inf")) & imask[:, None] & jmask[None, :]
+        if tl.max(tl.where(redo, 1, 0)) > 0:
+            s_row, t_row, p_row, q_row, c_base, ld = _tile_rows(z, row0, col0, c_off, i, j, s_sb, s_sr, t_sb, t_sr,
+                                                                p_sb, p_sr, q_sb, q_sr, c_sb, ldc, m, PADDED)
+            dot = tl.zeros([EXACT_ROWS, BN], tl.float64)
+            ss = tl.zeros([EXACT_ROWS], tl.float64)
+            tt = tl.zeros([BN], tl.float64)
+            for k in range(0, d):
+                a = tl.load(s_ptr + s_row + k * s_sk, mask=imask, other=0.0).to(tl.float64)
+                b = tl.load(t_ptr + t_row + k * t_sk, mask=jmask, other=0.0).to(tl.float64)
+                dot += a[:, None] * b[None, :]
+                ss += a * a
+                tt += b * b
+            den = tl.sqrt(ss)[:, None] * tl.sqrt(tt)[None, :]
+            cos = tl.where(den > 0, dot / tl.where(den > 0, den, 1.0), 0.0).to(tl.float32)
+            c = _cost_of(cos, imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha, beta, gamma,
+                         neg_half_inv_sigma2, out_scale)
+            tl.store(c_ptr + c_base + (i - c_row0).to(tl.int64)[:, None] * ld + j[None, :], c, mask=redo)
 
 
 @triton.jit
@@ -156,16 +211,20 @@ def _cost_kernel(
     if SPLIT_K > 1:
         tl.store(c_ptrs + ks.to(tl.int64) * split_stride, acc, mask=mask)
     else:
-        c = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc,
-                      q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
+        c, exact = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row,
+                             p_sc, q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
         tl.store(c_ptrs, c, mask=mask)
+        if exact > 0:
+            _store_exact(s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, z, row0, col0, c_off, i_lo, n, row_hi,
+                         j, jmask, c_row0, d, s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc,
+                         c_sb, ldc, m, alpha, beta, gamma, neg_half_inv_sigma2, out_scale, PADDED, BM, BN)
 
 
 @triton.jit
 def _cost_split_epilogue_kernel(
-    part_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, seg_ptr,
-    n_pad, m_pad, n_split, split_stride,
-    p_sb, p_sr, p_sc, q_sb, q_sr, q_sc, c_sb, ldc,
+    part_ptr, s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, seg_ptr,
+    n_pad, m_pad, d, n_split, split_stride,
+    s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc, c_sb, ldc,
     alpha, beta, gamma, neg_half_inv_sigma2, out_scale,
     PADDED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -181,13 +240,17 @@ def _cost_split_epilogue_kernel(
     j = pid_n * BN + tl.arange(0, BN)
     imask = i < n
     jmask = j < m
-    s_row, t_row, p_row, q_row, c_base, ld = _tile_rows(z, row0, col0, c_off, i, j, 0, 0, 0, 0, p_sb, p_sr, q_sb,
-                                                        q_sr, c_sb, ldc, m, PADDED)
+    s_row, t_row, p_row, q_row, c_base, ld = _tile_rows(z, row0, col0, c_off, i, j, s_sb, s_sr, t_sb, t_sr, p_sb,
+                                                        p_sr, q_sb, q_sr, c_sb, ldc, m, PADDED)
     offs = c_base + i.to(tl.int64)[:, None] * ld + j[None, :]
     mask = imask[:, None] & jmask[None, :]
     acc = tl.zeros([BM, BN], tl.float32)
     for k in range(0, n_split):
         acc += tl.load(part_ptr + k * split_stride + offs, mask=mask, other=0.0)
-    c = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc,
-                  q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
+    c, exact = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc,
+                         q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
     tl.store(c_ptr + offs, c, mask=mask)
+    if exact > 0:
+        _store_exact(s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, z, row0, col0, c_off, pid_m * BM, n, n, j,
+                     jmask, 0, d, s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc, c_sb, ldc, m,
+                     alpha, beta, gamma, neg_half_inv_sigma2, out_scale, PADDED, BM, BN)

@@ -2,7 +2,8 @@
 
 Potentials are kept in units of eps/ln 2: F = f log2(e)/eps, G = g log2(e)/eps and
 K = C log2(e)/eps, so every exponential is an exp2 and every log a log2:
-    F_i <- log2 a_i - LSE2_j(G_j - K_ij),   G_j <- log2 b_j - LSE2_i(F_i - K_ij).
+    F_i <- kappa_a (log2 a_i - LSE2_j(G_j - K_ij)),   G_j <- kappa_b (log2 b_j - LSE2_i(F_i - K_ij)),
+kappa = tau / (tau + eps) being 1 for an exact marginal (docs/algorithm.md).
 """
 
 import triton
@@ -15,7 +16,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _sinkhorn_row_kernel(
-    k_ptr, seg_ptr, n_pad, m_pad, row_lo, row_hi, c_row0, k_scale,
+    k_ptr, seg_ptr, n_pad, m_pad, row_lo, row_hi, c_row0, k_scale, kappa_a, rho_a,
     f_ptr, fn_ptr, g_ptr, la_ptr, pmax_ptr, psum_ptr, vpart_ptr, score_ptr, done_ptr,
     m_total, n_seg,
     PADDED: tl.constexpr, FIRST: tl.constexpr, HAS_TOL: tl.constexpr, CHECK: tl.constexpr,
@@ -28,9 +29,10 @@ def _sinkhorn_row_kernel(
     FIRST: G = 0 and F = 0 (the first iteration reads no potentials).
     HAS_TOL: segments flagged in done_ptr are skipped, F' goes to fn_ptr (the merge commits it),
       otherwise F' overwrites F in place (each program owns its rows).
-    CHECK: writes this block's part of sum_i a_i |2^(F_i - F'_i) - 1| (the L1 row violation of
-      the plan (F, G)) to vpart_ptr[block * n_seg + z].
-    SCORE: writes score_i = n a_i 2^(F_i - F'_i) (the row mass of the plan (F, G), times n).
+    With L_i = LSE2_j(G_j - K_ij), the plan (F, G) has row mass 2^(F_i + L_i):
+    CHECK: writes this block's part of sum_i |2^(F_i + L_i) - a_i 2^(-rho_a F_i)| (the relaxed row
+      violation of the plan (F, G), rho_a = eps / tau_a) to vpart_ptr[block * n_seg + z].
+    SCORE: writes score_i = n 2^(F_i + L_i) (n times the row mass).
     PARTIALS: writes this block's column max and sum of 2^(F'_i - K_ij) to pmax/psum[pid, col0 + j].
     ONE_CHUNK: BN >= every segment's m, so pass 2 reuses pass 1's tile instead of re-reading K.
     """
@@ -78,18 +80,19 @@ def _sinkhorn_row_kernel(
         la = tl.load(la_ptr + row0 + i, mask=imask, other=0.0) * LOG2E
     else:
         la = tl.zeros([BM], tl.float32) - tl.log2(n.to(tl.float32))
-    f_new = la - (run_max + tl.log2(run_sum))
+    lse = run_max + tl.log2(run_sum)
+    f_new = kappa_a * (la - lse)
     if CHECK or SCORE:
         if FIRST:
             f_old = tl.zeros([BM], tl.float32)
         else:
             f_old = tl.load(f_ptr + row0 + i, mask=imask, other=0.0)
-        mass = tl.exp2(f_old - f_new)  # row mass of the plan (F, G) divided by a_i
+        mass = tl.exp2(f_old + lse)  # row mass of the plan (F, G)
         if CHECK:
-            viol = tl.where(imask, tl.exp2(la) * tl.abs(mass - 1.0), 0.0)
+            viol = tl.where(imask, tl.abs(mass - tl.exp2(la - rho_a * f_old)), 0.0)
             tl.store(vpart_ptr + (row_lo // BM + pid) * n_seg + z, tl.sum(viol, axis=0))
         if SCORE:
-            tl.store(score_ptr + row0 + i, n.to(tl.float32) * tl.exp2(la) * mass, mask=imask)
+            tl.store(score_ptr + row0 + i, n.to(tl.float32) * mass, mask=imask)
     if PARTIALS:
         if HAS_TOL:
             tl.store(fn_ptr + row0 + i, f_new, mask=imask)
@@ -118,7 +121,7 @@ def _sinkhorn_row_kernel(
 @triton.jit
 def _sinkhorn_merge_kernel(
     pmax_ptr, psum_ptr, vpart_ptr, f_ptr, fn_ptr, g_ptr, lb_ptr, done_ptr, seg_ptr, amax_ptr, asum_ptr,
-    n_pad, m_pad, m_total, n_seg, row_block, p_blocks, tol,
+    n_pad, m_pad, m_total, n_seg, row_block, p_blocks, tol, kappa_b,
     PADDED: tl.constexpr, FIRST: tl.constexpr, HAS_TOL: tl.constexpr, CHECK: tl.constexpr,
     HAS_LB: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
     BLOCK: tl.constexpr, RB: tl.constexpr, VBLOCK: tl.constexpr,
@@ -179,7 +182,7 @@ def _sinkhorn_merge_kernel(
                 lb = tl.load(lb_ptr + col0 + j, mask=jmask, other=0.0) * LOG2E
             else:
                 lb = tl.zeros([BLOCK], tl.float32) - tl.log2(m.to(tl.float32))
-            tl.store(g_ptr + col0 + j, lb - (run_max + tl.log2(run_sum)), mask=jmask)
+            tl.store(g_ptr + col0 + j, kappa_b * (lb - (run_max + tl.log2(run_sum))), mask=jmask)
     if HAS_TOL and not ACC_OUT:
         i = pid * BLOCK + tl.arange(0, BLOCK)
         imask = i < n

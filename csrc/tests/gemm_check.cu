@@ -269,6 +269,7 @@ void run_case(const Case& cs, int sm, cudaStream_t st) {
   a.part_stride = p.c_elems;
   a.sq_stride = p.total_rows;
   a.splits = 1;
+  a.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
 
   // Reference (computed for all segments, done flags or not).
   CHECK(cudaMemsetAsync(refC, 0xFF, p.c_elems * sizeof(float), st));
@@ -468,6 +469,7 @@ void bench(const char* name, int batch, int rows, int cols, int64_t d, int split
   a.part_stride = c_elems;
   a.sq_stride = std::max(s_rows, t_rows);
   a.splits = ns;
+  a.dtype = DType::kBFloat16;
   const double flop = 2.0 * double(c_elems) * double(d);
   const int pick = tc_pick_config(batch, rows, cols, d, sm, ns, splits > 0, wg_available());
   std::printf("  %s: B=%d %dx%d d=%lld, %s, launcher picks %s\n", name, batch, rows, cols, (long long)d,

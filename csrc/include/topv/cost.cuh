@@ -6,6 +6,13 @@
 // The dot products run on tensor cores for fp16/bf16 (mma.sync m16n8k16, fp32 accumulate; the
 // products of 16-bit inputs are exact in fp32) and on FMA units for fp32 inputs: TF32 would put a
 // ~5e-4 relative error into C, i.e. into the exponent of the plan as dC / eps.
+//
+// The float32 cosine dot |s|^-1 |t|^-1 is safe while each squared norm lies in [2^-60, 2^120]: no
+// square, product or sum overflows, and what flushes to zero moves the cosine by < d 2^-66. A row
+// outside that range (a zero row; |x| ~ 1e19, whose square is inf in float32; tiny values whose
+// squares underflow) gets the inverse norm +inf (inv_norm), and a tile holding one rewrites those
+// entries from a cosine computed in double (store_exact_tile): rare, and kept out of the hot
+// epilogue, which only ORs a flag.
 #pragma once
 
 #include <algorithm>
@@ -97,6 +104,7 @@ struct GemmArgs {
   // Sinkhorn) can start on a segment as soon as its C is complete. PARTIAL GEMMs store no C and
   // ignore it; cost_reduce_kernel, which turns their partials into C, publishes its rows.
   int* ready;
+  DType dtype;  // of S and T (the exact cosines read them)
 };
 
 // Programmatic dependent launch: a dependent grid launched with the programmatic-serialisation
@@ -129,7 +137,62 @@ __device__ __forceinline__ float cost_value(const GemmArgs& a, const GemmSeg& sg
          a.gamma * sqrtf(cr * cr + cc * cc) * kInvMaxCentreDist;
 }
 
-__device__ __forceinline__ float inv_norm(float sumsq) { return sumsq > 0.0f ? 1.0f / sqrtf(sumsq) : 0.0f; }
+constexpr float kMinSafeSq = 0x1p-60f, kMaxSafeSq = 0x1p120f;
+
+// The inverse norm of a row from its float32 sum of squares; +inf where the float32 cosine is not
+// safe (see the top of this file). NaN (non-finite input) stays NaN: such scores are unspecified.
+__device__ __forceinline__ float inv_norm(float sumsq) {
+  return (sumsq >= kMinSafeSq && sumsq <= kMaxSafeSq) || sumsq != sumsq ? 1.0f / sqrtf(sumsq) : INFINITY;
+}
+
+// A tile's inverse norm of row or column i: rows past the segment (zeros, or the next segment's
+// rows) are never stored and must not ask for the exact path.
+__device__ __forceinline__ float tile_inv_norm(float sumsq, bool in_segment) {
+  return in_segment ? inv_norm(sumsq) : 0.0f;
+}
+
+template <typename T>
+__device__ float exact_cos_rows(const T* x, const T* y, int64_t d) {
+  double xx = 0.0, yy = 0.0, xy = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double u = to_float(x[k]), v = to_float(y[k]);
+    xx = fma(u, u, xx);
+    yy = fma(v, v, yy);
+    xy = fma(u, v, xy);
+  }
+  return xx > 0.0 && yy > 0.0 ? float(xy / (sqrt(xx) * sqrt(yy))) : 0.0f;
+}
+
+// cos(S row si, T row tj) in double, which holds the squares of every float (0 when either row is
+// zero). Out of line and with plain arguments: a reference into the kernel's parameters would make
+// every kernel that calls it copy its parameters to the stack.
+__device__ __noinline__ float exact_cos(const void* S, const void* T, int64_t si, int64_t tj, int64_t d, DType dt) {
+  switch (dt) {
+    case DType::kFloat16:
+      return exact_cos_rows(static_cast<const __half*>(S) + si, static_cast<const __half*>(T) + tj, d);
+    case DType::kBFloat16:
+      return exact_cos_rows(static_cast<const __nv_bfloat16*>(S) + si, static_cast<const __nv_bfloat16*>(T) + tj, d);
+    default:
+      return exact_cos_rows(static_cast<const float*>(S) + si, static_cast<const float*>(T) + tj, d);
+  }
+}
+
+__device__ __forceinline__ float exact_cos(const GemmArgs& a, const GemmSeg& sg, int i, int j) {
+  return exact_cos(a.S, a.T, sg.s_off + int64_t(i) * a.lds, sg.t_off + int64_t(j) * a.ldt, a.d, a.dtype);
+}
+
+// Rewrites, by threads tid, tid + nt, ..., the stored entries of the tile at (row0, col0) whose row
+// or column has the inverse norm +inf (inv_rows[bm] / inv_cols[bn] of the tile) from exact_cos.
+// Called after a barrier that orders it behind the tile's own stores. Arguments by value, for the
+// reason given at exact_cos.
+__device__ __noinline__ void store_exact_tile(const GemmArgs a, const GemmSeg sg, int row0, int col0, int bm, int bn,
+                                              const float* inv_rows, const float* inv_cols, int tid, int nt) {
+  for (int e = tid; e < bm * bn; e += nt) {
+    const int lr = e / bn, lc = e - lr * bn, r = row0 + lr, c = col0 + lc;
+    if (r < sg.rows && c < sg.cols && isinf(inv_rows[lr] * inv_cols[lc]))
+      a.C[sg.c_off + int64_t(r) * sg.cols + c] = cost_value(a, sg, r, c, exact_cos(a, sg, r, c), 1.0f);
+  }
+}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -482,6 +545,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
   }
   __syncthreads();
   float* s_inv = red + WARPS_N * BM + WARPS_M * BN;  // [BM + BN]
+  bool exact = false;  // this thread saw a row that takes the exact path
   for (int i = tid; i < BM + BN; i += NT) {
     float s = 0.0f;
     if (i < BM) {
@@ -498,14 +562,16 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
         if (tm == 0 && col0 + i - BM < sg.cols) a.sq_t[split * a.sq_stride + sg.sq_off + col0 + i - BM] = s;
       }
     } else {
-      s_inv[i] = inv_norm(s);
+      s_inv[i] = tile_inv_norm(s, i < BM ? row0 + i < sg.rows : col0 + i - BM < sg.cols);
+      exact |= isinf(s_inv[i]);
     }
   }
 
   // ---- epilogue straight from the accumulators: c0 c1 = (row g, cols 2t, 2t + 1), c2 c3 = row g + 8.
   const int rb = wm * WM + g, cbase = wn * WN + 2 * t4;
+  bool tile_exact = false;
   if constexpr (!PARTIAL) {
-    __syncthreads();  // s_inv complete
+    tile_exact = __syncthreads_or(exact);  // s_inv complete
     // Cost values first, stores after: with no store in between, the compiler can share the
     // position loads and row / column terms across the tile (P, Q and C may alias as far as it
     // knows). Out-of-range rows / columns compute on a clamped index and are not stored.
@@ -542,6 +608,10 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_tc_kernel(GemmAr
         if (c + 1 < sg.cols) Cr[c + 1] = acc[mi][ni][2 * h + 1];
       }
     }
+  if (tile_exact) {
+    __syncthreads();  // the tile's stores precede the rewrites
+    store_exact_tile(a, sg, row0, col0, BM, BN, s_inv, s_inv + BM, tid, NT);
+  }
   if (!PARTIAL && a.ready) {
     __syncthreads();  // every store of the tile precedes the release
     if (tid == 0) signal_ready(a, sg, row0, col0, BM, BN);
@@ -562,6 +632,10 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
   float ss = 0.0f;
   for (int q = 0; q < a.splits; ++q) ss += a.sq_s[q * a.sq_stride + sg.sq_off + r];
   const float inv_r = inv_norm(ss);
+  // A row with no exact-path entry stays on cost_value (the common case); see the top of this file.
+  auto cost_at = [&](int c, float dot, float inv) {
+    return isinf(inv) ? cost_value(a, sg, r, c, exact_cos(a, sg, r, c), 1.0f) : cost_value(a, sg, r, c, dot, inv);
+  };
   float* Cr = a.C + sg.c_off + int64_t(r) * sg.cols;
   const float* Tq = a.sq_t + sg.sq_off;
   const bool vec = sg.cols % 4 == 0 && reinterpret_cast<uintptr_t>(Cr) % 16 == 0 && a.part_stride % 4 == 0 &&
@@ -576,10 +650,9 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
         st.x += t.x, st.y += t.y, st.z += t.z, st.w += t.w;
       }
       const int c = 4 * c4;
-      reinterpret_cast<float4*>(Cr)[c4] = make_float4(cost_value(a, sg, r, c, dot.x, inv_r * inv_norm(st.x)),
-                                                      cost_value(a, sg, r, c + 1, dot.y, inv_r * inv_norm(st.y)),
-                                                      cost_value(a, sg, r, c + 2, dot.z, inv_r * inv_norm(st.z)),
-                                                      cost_value(a, sg, r, c + 3, dot.w, inv_r * inv_norm(st.w)));
+      reinterpret_cast<float4*>(Cr)[c4] = make_float4(
+          cost_at(c, dot.x, inv_r * inv_norm(st.x)), cost_at(c + 1, dot.y, inv_r * inv_norm(st.y)),
+          cost_at(c + 2, dot.z, inv_r * inv_norm(st.z)), cost_at(c + 3, dot.w, inv_r * inv_norm(st.w)));
     }
   } else {
     for (int c = threadIdx.x; c < sg.cols; c += kReduceThreads) {
@@ -588,7 +661,7 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
         dot += Cr[q * a.part_stride + c];
         st += Tq[q * a.sq_stride + c];
       }
-      Cr[c] = cost_value(a, sg, r, c, dot, inv_r * inv_norm(st));
+      Cr[c] = cost_at(c, dot, inv_r * inv_norm(st));
     }
   }
   if (a.ready) {  // the row is published like a GEMM tile (the on-chip kernel overlaps this one too)
@@ -643,8 +716,8 @@ __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTabl
     }
     __syncthreads();
   }
-  if (tid < BM + BN) s_inv[tid] = inv_norm(sumsq);
-  __syncthreads();
+  if (tid < BM + BN) s_inv[tid] = tile_inv_norm(sumsq, tid < BM ? row0 + tid < sg.rows : col0 + tid - BM < sg.cols);
+  const bool tile_exact = __syncthreads_or(tid < BM + BN && isinf(s_inv[tid]));
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -654,6 +727,10 @@ __global__ __launch_bounds__(256) void cost_gemm_f32_kernel(GemmArgs a, GemmTabl
         a.C[sg.c_off + int64_t(r) * sg.cols + c] =
             cost_value(a, sg, r, c, acc[i][j], s_inv[ty * 4 + i] * s_inv[BM + tx * 4 + j]);
     }
+  if (tile_exact) {
+    __syncthreads();  // the tile's stores precede the rewrites
+    store_exact_tile(a, sg, row0, col0, BM, BN, s_inv, s_inv + BM, tid, 256);
+  }
   if (a.ready) {
     __syncthreads();  // every store of the tile precedes the release
     if (tid == 0) signal_ready(a, sg, row0, col0, BM, BN);

@@ -222,6 +222,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
+  __shared__ int tile_exact;  // a row or column of the tile takes the exact path (cost.cuh)
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
@@ -229,6 +230,7 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
       mbar_init(empty_bar(s), uint32_t(NCT / 32));  // one arrival per consumer warp
     }
     mbar_init_fence();
+    tile_exact = 0;
   }
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves after its loop
 
@@ -339,7 +341,8 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
         if (tm == 0 && col0 + i - BM < sg.cols) a.sq_t[split * a.sq_stride + sg.sq_off + col0 + i - BM] = s;
       }
     } else {
-      nrm[i] = inv_norm(s);
+      nrm[i] = tile_inv_norm(s, i < BM ? row0 + i < sg.rows : col0 + i - BM < sg.cols);
+      if (isinf(nrm[i])) tile_exact = 1;
     }
   }
 
@@ -388,6 +391,10 @@ __global__ __launch_bounds__(Cfg::NT, Cfg::MINB) void cost_gemm_wg_kernel(GemmAr
           }
       }
       store(a.C + sg.c_off, j0, j0 + JC);
+    }
+    if (tile_exact) {  // read after the barrier that completed the inverse norms: uniform
+      consumer_sync<NCT>();  // the tile's stores precede the rewrites
+      store_exact_tile(a, sg, row0, col0, BM, BN, nrm, nrm + BM, tid, NCT);
     }
     if (a.ready) {
       consumer_sync<NCT>();  // every store of the tile precedes the release

@@ -1,12 +1,13 @@
 // Log-domain Sinkhorn passes over a stored fp32 cost (whole segments or row chunks of one).
 //
 // Pass t (t = 1 .. n_iters + 1) is a row kernel then (t <= n_iters) a column kernel:
-// * row kernel, one warp per row: f'_i = eps (log a_i - LSE_j((g_j - C_ij)/eps)) into fnew, and
-//   ratio_i = exp((f_i - f'_i)/eps) = (row mass of the plan (f, g)) / a_i, from which the per-row
-//   violation a_i |ratio_i - 1| and the score n a_i ratio_i follow for free.
+// * row kernel, one warp per row: with L_i = LSE_j((g_j - C_ij)/eps), f'_i = kappa_a eps (log a_i -
+//   L_i) into fnew (kappa = tau/(tau + eps), 1 for an exact marginal), and the row mass of the plan
+//   (f, g), exp(f_i/eps + L_i), from which the per-row relaxed violation |mass_i - a_i exp(-f_i/tau_a)|
+//   and the score n mass_i follow for free.
 // * column kernel, one block per 32 columns: online LSE over the rows of (f'_i - C_ij)/eps,
 //   accumulated across row chunks in (colmax, colsum); on the last chunk it either accepts the
-//   update (g <- eps (log b - LSE), f <- f') or, with the tolerance check on and the violation of
+//   update (g <- kappa_b eps (log b - LSE), f <- f') or, with the tolerance check on and the violation of
 //   the current plan (f, g) below tol, marks the segment done and leaves (f, g) as they are.
 // Every segment decides on the device; later kernels skip done segments. Nothing syncs the host.
 #pragma once
@@ -38,6 +39,7 @@ struct RowArgs {
   const float* log_a;  // nullable: uniform
   const int* done;
   float eps;
+  float kappa_a, rho_a;  // the source marginal's relaxation; rho_a = eps / tau_a (0: exact)
 };
 
 template <int WARPS>
@@ -71,10 +73,10 @@ __global__ __launch_bounds__(WARPS * 32) void sk_row_kernel(RowArgs a, SkTable t
     const int r = sg.row_off + i;
     const float lse = lse_value(st);
     const float la = a.log_a ? a.log_a[r] : -__logf(float(sg.rows));
-    a.fnew[r] = a.eps * (la - lse);
-    const float ratio = __expf(a.f[r] * inv_eps - la + lse);
-    if (a.viol) a.viol[r] = __expf(la) * fabsf(ratio - 1.0f);
-    if (a.score) a.score[r] = float(sg.rows) * __expf(la) * ratio;
+    a.fnew[r] = a.kappa_a * a.eps * (la - lse);
+    const float fi = a.f[r] * inv_eps, mass = __expf(fi + lse);
+    if (a.viol) a.viol[r] = fabsf(mass - __expf(la - a.rho_a * fi));
+    if (a.score) a.score[r] = float(sg.rows) * mass;
   }
 }
 
@@ -89,6 +91,7 @@ struct ColArgs {
   int* done;
   const float* viol;
   float eps, tol;
+  float kappa_b;  // the target marginal's relaxation (1: exact)
   int first, last, check;
 };
 
@@ -149,7 +152,7 @@ __global__ __launch_bounds__(256) void sk_col_kernel(ColArgs a, SkTable tab) {
   }
   if (warp == 0 && j < sg.cols) {
     const float lb = a.log_b ? a.log_b[sg.col_off + j] : -__logf(float(sg.cols));
-    a.g[sg.col_off + j] = a.eps * (lb - lse_value(st));
+    a.g[sg.col_off + j] = a.kappa_b * a.eps * (lb - lse_value(st));
   }
   if (blockIdx.x == 0)
     for (int r = threadIdx.x; r < sg.rows; r += WARPS * 32) a.f[sg.row_off + r] = a.fnew[sg.row_off + r];

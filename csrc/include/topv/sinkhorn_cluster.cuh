@@ -9,7 +9,7 @@
 // * The slab first holds C, loaded by bulk copies (TMA); the first row pass (g = 0) takes
 //   LSE2_j K_ij with the shift 0 (exact for costs >= 0, prune's), giving F = f after it.
 // * The first column pass replaces C by Q_ij = exp2(K_ij + F_i - la_max) in place (every term it
-//   sums; Q <= 1 since the rows of exp2(K + F) sum to a_i). From then on the transport plan is
+//   sums). From then on the transport plan is
 //   P_ij = Q_ij u_i y_j 2^lb_max with row factors u_i = exp2(f_i - F_i) and column factors
 //   y_j = exp2(g_j + la_max - lb_max), so every later pass is a matrix-vector product:
 //   LSE2_j(K_ij + g_j) = lb_max - F_i + log2 sum_j Q_ij y_j, LSE2_i(K_ij + f_i) = la_max +
@@ -24,8 +24,10 @@
 //   [2^-64, 2^64] (negative costs, non-finite input). Tiny eps or extreme costs get there; prune's
 //   costs at eps = 0.1 never do.
 // * Row pass: each warp works on up to kRowsInFlight rows at once (independent chains, one y load
-//   for all), f'_i = log2 a_i - LSE2_j(K_ij + g_j); the ratio exp2(f_i - f'_i) gives the row
-//   violation and the score as in sinkhorn.cuh. The first row pass takes one row at a time, as
+//   for all), f'_i = kappa_a (log2 a_i - L_i) with L_i = LSE2_j(K_ij + g_j); the row mass
+//   exp2(f_i + L_i) of the plan (f, g) gives the relaxed row violation and the score as in
+//   sinkhorn.cuh. (With a relaxed source marginal the rows of exp2(K + F) no longer sum to a_i, so
+//   Q may exceed 1; nothing below needs Q <= 1: the bounds only count flushed terms.) The first row pass takes one row at a time, as
 //   the slab's chunks land.
 // * Column pass: up to kColSplit row groups of threads per float4 column group (all threads busy
 //   at n = 576), summed in shared memory into this slab's column sums. The merge is a plain sum:
@@ -85,6 +87,7 @@ struct ClusterArgs {
   const int* ready;
   float eps, tol;
   int n_iters;
+  float kappa_a, rho_a, kappa_b;  // the marginals' relaxation (see sinkhorn.cuh's RowArgs / ColArgs)
 };
 
 // Shared-memory floats for a segment of n x m on a cluster of cs CTAs (see the layout below).
@@ -352,14 +355,14 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
                           : QM  ? lb_max - Fv[r] + log2f(tot[u])
                                 : log2f(tot[u]);
         const float la = a.log_a ? a.log_a[sg.row_off + i] * kLog2e : la_u;
-        const float ratio = exp2f(fv[r] - la + lse);
-        const float f2 = la - lse;
-        vloc += exp2f(la) * fabsf(ratio - 1.0f);
+        const float mass = exp2f(fv[r] + lse);  // row mass of the plan (f, g)
+        const float f2 = a.kappa_a * (la - lse);
+        vloc += fabsf(mass - exp2f(la - a.rho_a * fv[r]));
         const float uu = QM ? exp2f(f2 - Fv[r]) : 1.0f;
         uw = fmaxf(uw, uu);
         if (lane == 0) {
           fn[r] = f2;
-          scl[r] = float(n) * exp2f(la) * ratio;
+          scl[r] = float(n) * mass;
           if (QM) uv[r] = uu; else Fv[r] = f2;
         }
       }
@@ -482,7 +485,7 @@ __global__ __launch_bounds__(kClusterThreads, 1) void sinkhorn_cluster_kernel(Cl
       }
       if (here) {
         const float lb = a.log_b ? a.log_b[sg.col_off + j] * kLog2e : lb_u;
-        const float gj = lb - lse, yj = exp2f(gj + la_max - lb_max);
+        const float gj = a.kappa_b * (lb - lse), yj = exp2f(gj + la_max - lb_max);
         for (int q = l; q < cs; q += L) {
           st_async(smem_addr(gv + j), gj, ybar, q);
           st_async(smem_addr(yv + j), yj, ybar, q);

@@ -16,6 +16,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -23,14 +24,15 @@ namespace topv {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Defaults: the same values as topv/defaults.py (tests/test_defaults.py checks them).
 struct CostParams {
-  float alpha = 1.0f, beta = 1.0f, gamma = 0.3f, sigma = 0.2f;
+  float alpha = 1.0f, beta = 1.0f, gamma = 0.1f, sigma = 0.2f;
 };
 
 struct SinkhornParams {
   float eps = 0.1f;
   int n_iters = 3;
-  float tol = 0.0f;  // > 0: per-segment early exit on the L1 row-marginal violation
+  float tol = 0.0f;  // > 0: per-segment early exit on the relaxed row violation (docs/algorithm.md)
   // Largest thread-block cluster the on-chip path may use (sm_90+: one cluster per segment, the
   // whole loop in one launch, when the segment's cost fits in the cluster's shared memory);
   // 0 forces the pass kernels (two launches per iteration, cost in global memory).
@@ -52,12 +54,15 @@ struct CostArgs {
 
 // Batched log-domain Sinkhorn on cost (batch, n, m) fp32 contiguous; log marginals (batch, n) /
 // (batch, m) contiguous or nullptr for uniform. Writes potentials f (batch, n), g (batch, m).
+// tau_a / tau_b: the KL weights of the source / target marginal (> 0; INFINITY keeps it exact, so
+// the defaults are balanced OT).
 struct SinkhornArgs {
   const float* cost;
   int64_t batch, n, m;
   const float* log_a;
   const float* log_b;
   SinkhornParams sinkhorn;
+  float tau_a = INFINITY, tau_b = INFINITY;
 };
 
 // TopV prune on packed segments. source/target (T, d); segment k holds rows
@@ -65,7 +70,8 @@ struct SinkhornArgs {
 // seg_lens[0], one (n, 2) table shared by every segment. Outputs: kept (sum(keep),) int64,
 // ascending within each segment (indices local to the segment when `padded`, else into the
 // packed rows); scores (T,) fp32; nonfinite (1,) int32, set nonzero when a feature or position is
-// not finite (written only when check_finite; the caller checks it after the call).
+// not finite (written only when check_finite; the caller checks it after the call). Semi-relaxed
+// OT: the source marginal carries the KL weight tau (> 0; INFINITY: balanced), the target's is exact.
 struct PruneArgs {
   const void* source;
   const void* target;
@@ -79,6 +85,7 @@ struct PruneArgs {
   bool padded;
   CostParams cost;
   SinkhornParams sinkhorn;
+  float tau = 0.1f;
   double recover_ratio = 0.25;  // double: k_rec = floor(recover_ratio * keep) must match Python exactly
   bool check_finite = true;
 };
