@@ -10,21 +10,22 @@ speed-up over the eager reference (whose GEMM is torch's fp32 matmul). The ceili
 GFLOP/s with is the core count times the per-core peak of one FMA-type instruction stream
 (vfmadd / vdpbf16ps), which NOTES.md gives for the CI machine.
 
-    python bench/bench_cpu.py [--configs cpu-b1,cpu-b4] [--dtypes float32,bfloat16] [--rounds 30] [--out PREFIX]
+    python bench/bench_cpu.py [--configs cpu-b1,cpu-b4] [--dtypes float32,bfloat16] [--rounds 30] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Config, Result, environment, write  # noqa: E402
+from common import Config, Result, add_out_argument, append_rows, environment, progress  # noqa: E402
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -33,21 +34,20 @@ CONFIGS = [Config("cpu-b1", 1, 576, 1024), Config("cpu-b4", 4, 576, 1024), Confi
 
 
 def cpu_environment() -> dict:
-    env = environment()
-    model, flags = platform.processor() or "cpu", set()
+    env = environment()  # its device is the CPU's model name
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
+                if key.strip() == "flags":
                     flags = set(value.split())
+                    break
     except OSError:
         pass
     blas = [line.strip() for line in torch.__config__.show().splitlines() if "Math Kernel Library" in line
             or "MKL-DNN" in line or "oneDNN" in line or "OpenBLAS" in line]
-    env.update(cpu=model, threads=torch.get_num_threads(), blas="; ".join(blas),
+    env.update(threads=torch.get_num_threads(), blas="; ".join(blas),
                cpu_flags=" ".join(sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))))
     return env
 
@@ -96,7 +96,7 @@ def main():
     ap.add_argument("--configs", default="cpu-b1,cpu-b4")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "prune"))
+    add_out_argument(ap)
     args = ap.parse_args()
     if "cpp" not in topv.available_backends("cpu"):
         sys.exit("bench_cpu: topv._C (the C++ CPU kernels) is not built")
@@ -104,35 +104,40 @@ def main():
     print("#", env)
     by_name = {c.name: c for c in CONFIGS}
     results = []
-    for name in args.configs.split(","):
+    steps = [(name, dt) for name in args.configs.split(",") for dt in args.dtypes.split(",")]
+    print_rows([], header=True)
+    for i, (name, dt) in enumerate(steps, 1):
+        progress(i, len(steps), f"{name} {dt}, {args.rounds} rounds")
         base = by_name[name]
-        for dt in args.dtypes.split(","):
-            cfg = Config(base.name, base.B, base.n, base.d, base.keep_ratio, dt)
-            src, tgt, pos = make_inputs(cfg, getattr(torch, dt))
-            fns = providers(cfg, src, tgt, pos)
-            for fn in fns.values():
-                fn()  # warm-up: thread pool, allocator, first-touch
-            # Each round calls every provider twice in a row: the first call ("interleaved") starts
-            # with the caches the other providers left, as inside a model's forward; the second
-            # ("warm") with its own. Both modes see the machine in the same minute.
-            times = {(mode, k): [] for mode in ("interleaved", "warm") for k in fns}
-            for _ in range(args.rounds):
-                for k, fn in fns.items():
-                    times["interleaved", k].append(timed(fn))
-                    times["warm", k].append(timed(fn))
-            flops = 2.0 * cfg.B * cfg.n * cfg.n * cfg.d
-            nbytes = 2.0 * src.numel() * src.element_size()
-            median_us = {key: sorted(ts)[args.rounds // 2] * 1e6 for key, ts in times.items()}
-            for (mode, k), us in median_us.items():
-                results.append(Result(f"{name}-{dt}", k, mode, us, tflops=flops / (us * 1e-6) / 1e12,
-                                      gbps=nbytes / (us * 1e-6) / 1e9,
-                                      speedup_vs_reference=median_us[mode, "reference"] / us,
-                                      note="" if k in ("reference", "cpp") else "not a prune: GEMM (+ epilogue) only"))
-                print_rows(results[-1:])
+        cfg = Config(base.name, base.B, base.n, base.d, base.keep_ratio, dt)
+        src, tgt, pos = make_inputs(cfg, getattr(torch, dt))
+        fns = providers(cfg, src, tgt, pos)
+        for fn in fns.values():
+            fn()  # warm-up: thread pool, allocator, first-touch
+        # Each round calls every provider twice in a row: the first call ("interleaved") starts
+        # with the caches the other providers left, as inside a model's forward; the second
+        # ("warm") with its own. Both modes see the machine in the same minute.
+        times = {(mode, k): [] for mode in ("interleaved", "warm") for k in fns}
+        for _ in range(args.rounds):
+            for k, fn in fns.items():
+                times["interleaved", k].append(timed(fn))
+                times["warm", k].append(timed(fn))
+        flops = 2.0 * cfg.B * cfg.n * cfg.n * cfg.d
+        nbytes = 2.0 * src.numel() * src.element_size()
+        median_us = {key: sorted(ts)[args.rounds // 2] * 1e6 for key, ts in times.items()}
+        for (mode, k), us in median_us.items():
+            results.append(Result(f"{name}-{dt}", k, mode, us, tflops=flops / (us * 1e-6) / 1e12,
+                                  gbps=nbytes / (us * 1e-6) / 1e9,
+                                  speedup_vs_reference=median_us[mode, "reference"] / us,
+                                  note="" if k in ("reference", "cpp") else "not a prune: GEMM (+ epilogue) only"))
+            print_rows(results[-1:])
     print()
     print_rows(results, header=True)
-    write(results, env, {}, args.out)
-    print(f"# wrote {args.out}.json/.csv")
+    if args.out:
+        machine = {k: env[k] for k in ("threads", "blas", "cpu_flags")}
+        rows = [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "extra"}, "extra": json.dumps(machine)}
+                for r in results]
+        print(f"# appended {len(rows)} rows to {append_rows(args.out, 'prune', env, rows)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ TFLOP/s (cost GEMM FLOPs 2·B·n²·d over the time) and GB/s (feature bytes rea
 to the floor (max of GEMM FLOPs at the measured bf16 matmul rate and input bytes at the measured
 copy bandwidth), the speed-up over the eager reference, and peak temporary memory.
 
-    python bench/bench_prune.py [--configs llava15-b1,qwen2vl-16k] [--providers triton,cuda] [--out PREFIX]
+The GPU backends hold a segment's n² fp32 cost whole when it fits their workspace cap and stream it
+in row slabs otherwise; for segments of n >= 8192 each GPU backend also runs at the caps of
+``--workspaces`` (provider ``cuda@512MiB``: that cap), the time-vs-workspace curve.
+
+    python bench/bench_prune.py [--configs llava15-b1,qwen2vl-16k] [--providers triton,cuda] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -18,7 +22,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, available_providers, ceilings, environment, finish, measure, print_table  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    Result,
+    add_out_argument,
+    available_providers,
+    ceilings,
+    environment,
+    finish,
+    measure,
+    print_table,
+    progress,
+)
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -47,9 +62,14 @@ def provider_fn(name, cfg, src, tgt, pos):
         pos_b = pos.expand(cfg.B, cfg.n, 2)
         compiled = torch.compile(reference.prune_padded)
         return lambda: compiled(src, tgt, pos_b, cfg.keep)
-    backend = name.split("+")[0]
+    backend, _, cap = name.partition("@")
+    backend = backend.split("+")[0]
     check = name.endswith("+check")
-    return lambda: topv.prune(src, tgt, pos, cfg.keep, backend=backend, check_finite=check)
+    ws = _MIB[cap] if cap else None
+    return lambda: topv.prune(src, tgt, pos, cfg.keep, backend=backend, check_finite=check, max_workspace=ws)
+
+
+_MIB = {"192MiB": 192 << 20, "512MiB": 512 << 20, "1GiB": 1 << 30, "2GiB": 2 << 30}
 
 
 def main():
@@ -58,7 +78,9 @@ def main():
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--skip-reference-above", type=int, default=16384,
                     help="skip the eager/compiled reference for n above this (they hold an n² fp32 cost)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prune"))
+    ap.add_argument("--workspaces", default="192MiB,512MiB,1GiB,2GiB",
+                    help="workspace caps the GPU backends also run at, for n >= 8192 (of " + ",".join(_MIB) + ")")
+    add_out_argument(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_prune.py needs a CUDA device")
@@ -71,14 +93,18 @@ def main():
     if "cuda" in providers:
         providers.insert(providers.index("cuda") + 1, "cuda+check")
     results = []
+    configs = [c for c in CONFIGS if c.name in args.configs.split(",")]
     print_table([])
-    for cfg in [c for c in CONFIGS if c.name in args.configs.split(",")]:
+    for i, cfg in enumerate(configs, 1):
+        progress(i, len(configs), f"{cfg.name}: B={cfg.B} n={cfg.n} d={cfg.d} keep={cfg.keep}")
         src, tgt, pos = make_inputs(cfg)
         flops = 2.0 * cfg.B * cfg.n * cfg.n * cfg.d
         nbytes = 2.0 * src.numel() * src.element_size()
         floor_us = 1e6 * max(flops / (ceil["bf16_matmul_tflops"] * 1e12), nbytes / (ceil["copy_gbps"] * 1e9))
         ref_kept, ref_us = None, {}
-        for prov in providers:
+        extra = [f"{p}@{w}" for p in providers if p in ("triton", "cuda") for w in args.workspaces.split(",") if w] \
+            if cfg.n >= 8192 else []
+        for prov in providers + extra:
             if prov in ("reference", "compile") and cfg.n > args.skip_reference_above:
                 continue
             fn = provider_fn(prov, cfg, src, tgt, pos)
@@ -99,7 +125,7 @@ def main():
                     note=note)
         del src, tgt, pos
         torch.cuda.empty_cache()
-    finish(results, env, ceil, args.out)
+    finish(results, env, ceil, "prune", args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ CUDA backends; each launched from Python and replayed from a CUDA graph (POT syn
 inside its loop, so it is timed from Python only). GB/s counts one fp32 read of C per iteration,
 the floor is those bytes at the measured copy bandwidth.
 
-    python bench/bench_sinkhorn.py [--configs ...] [--providers ...] [--out PREFIX]
+    python bench/bench_sinkhorn.py [--configs ...] [--providers ...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CONFIGS, Result, available_providers, ceilings, environment, finish, measure, print_table  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    Result,
+    add_out_argument,
+    available_providers,
+    ceilings,
+    environment,
+    finish,
+    measure,
+    print_table,
+    progress,
+)
 
 import topv  # noqa: E402
 from topv import reference  # noqa: E402
@@ -55,7 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(c.name for c in CONFIGS))
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sinkhorn"))
+    add_out_argument(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_sinkhorn.py needs a CUDA device")
@@ -69,8 +80,10 @@ def main():
             print("# POT not installed: skipping provider 'pot'")
             providers.remove("pot")
     results = []
+    configs = [c for c in CONFIGS if c.name in args.configs.split(",")]
     print_table([])
-    for cfg in [c for c in CONFIGS if c.name in args.configs.split(",")]:
+    for i, cfg in enumerate(configs, 1):
+        progress(i, len(configs), f"{cfg.name}: B={cfg.B} n={cfg.n} (3 iterations on a stored fp32 cost)")
         g = torch.Generator(device="cuda").manual_seed(1)
         C = torch.rand(cfg.B, cfg.n, cfg.n, device="cuda", generator=g) * 2
         nbytes = ITERS * C.numel() * 4.0
@@ -88,7 +101,7 @@ def main():
                     nbytes=nbytes, floor_us=floor_us, ref_us=ref_us)
         del C
         torch.cuda.empty_cache()
-    finish(results, env, ceil, args.out)
+    finish(results, env, ceil, "sinkhorn", args.out)
 
 
 if __name__ == "__main__":

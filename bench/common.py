@@ -75,7 +75,7 @@ def environment() -> dict:
     dirty = "" if os.environ.get("TOPV_COMMIT") else subprocess.run(
         ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here).stdout.strip()
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": version("triton"),
@@ -83,6 +83,22 @@ def environment() -> dict:
         "python": platform.python_version(),
         "commit": sha + ("+dirty" if dirty else ""),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu " + (platform.processor() or "unknown")
+
+
+def progress(i: int, total: int, what: str) -> None:
+    """One line per step, so a long run shows where it is."""
+    print(f"# [{i}/{total}] {what}", flush=True)
 
 
 def bench_python(fn, *, warmup_ms: int = 50, rep_ms: int = 300) -> float:
@@ -146,11 +162,19 @@ def measure(results: list, config: str, provider: str, fn, modes, *, nbytes: flo
         print_table(results[-1:], header=False)
 
 
-def finish(results: list, env: dict, ceil: dict, out_prefix: str) -> None:
+def finish(results: list, env: dict, ceil: dict, bench: str, out_root: str | None) -> None:
+    """Print the run's table; with ``out_root``, append its rows to out_root/<device>/<bench>.csv."""
     print()
     print_table(results)
-    write(results, env, ceil, out_prefix)
-    print(f"# wrote {out_prefix}.json/.csv")
+    if out_root:
+        path = append_rows(out_root, bench, env, [_row(r, ceil) for r in results])
+        print(f"# appended {len(results)} rows to {path}")
+
+
+def _row(r: Result, ceil: dict) -> dict:
+    row = {k: v for k, v in asdict(r).items() if k != "extra"}
+    row["extra"] = json.dumps({**r.extra, **{f"ceiling_{k}": v for k, v in ceil.items()}}, sort_keys=True)
+    return row
 
 
 def temp_mib(fn, keep_alive) -> float:
@@ -182,17 +206,54 @@ def ceilings() -> dict:
     return {"bf16_matmul_tflops": tflops, "copy_gbps": gbps}
 
 
-def write(results: list[Result], env: dict, ceil: dict, out_prefix: str) -> None:
-    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-        json.dump({"environment": env, "ceilings": ceil, "results": [asdict(r) for r in results]}, f, indent=1)
-    with open(out_prefix + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        cols = [k for k in asdict(results[0]) if k != "extra"] + list(env)
-        w.writerow(cols)
-        for r in results:
-            row = asdict(r)
-            w.writerow([row[k] for k in cols if k in row] + list(env.values()))
+# Results that last: one CSV per benchmark and device under bench/results/<device>/, rows only ever
+# appended (a run never rewrites another's), each tagged with when, which commit and which
+# versions. bench/tables.py draws the README's tables from them.
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+IDENTITY = ("time_utc", "commit", "device", "torch", "cuda", "triton", "transformers", "python")
+
+
+def device_slug(env: dict) -> str:
+    """A folder name for the device, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-amd-epyc'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in env["device"].lower()).split())
+
+
+def add_out_argument(ap) -> None:
+    ap.add_argument("--out", metavar="DIR", help="append the rows to DIR/<device>/<bench>.csv (the committed results: "
+                                                 "bench/results); without it the run only prints")
+
+
+def append_rows(out_root: str, bench: str, env: dict, rows: list[dict]) -> str:
+    """Append ``rows`` (dicts with the same keys) to out_root/<device>/<bench>.csv, each prefixed
+    with the run's identity; a new file gets a header. Returns the path."""
+    import datetime
+
+    path = os.path.join(out_root, device_slug(env), f"{bench}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ident = {"time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             **{k: env.get(k) for k in IDENTITY[1:]}}
+    full = [{**ident, **r} for r in rows]
+    cols = list(full[0])
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            have = next(csv.reader(f), None)
+        if have != cols:
+            raise SystemExit(f"{path} has the columns {have}, this run writes {cols}: write to a new --out")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            w.writeheader()
+        w.writerows(full)
+    return path
+
+
+def read_rows(out_root: str, bench: str, device: str) -> list[dict]:
+    path = os.path.join(out_root, device, f"{bench}.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def print_table(results: list[Result], header: bool = True) -> None:

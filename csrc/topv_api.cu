@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "topv/cost.cuh"
+#include "topv/cost_launch.cuh"
 #include "topv/select.cuh"
 #include "topv/sinkhorn.cuh"
 #include "topv/sinkhorn_cluster.cuh"
@@ -413,6 +413,15 @@ cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace,
 }
 
 // ------------------------------------------------------------------ prune
+
+size_t default_cost_buffer_cap() {
+  size_t free_bytes = 0, total = 0;
+  if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {
+    cudaGetLastError();
+    free_bytes = 0;
+  }
+  return std::max(kDefaultCostBufferCap, size_t(kCostBufferFreeFraction * double(free_bytes)));
+}
 
 size_t prune_workspace_size(const PruneArgs& a, size_t cap) {
   if (!prune_args_ok(a)) return 0;

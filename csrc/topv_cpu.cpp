@@ -723,7 +723,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
                                                          at::IntArrayRef keep, bool padded, double alpha, double beta,
                                                          double gamma, double sigma, double eps, double tau,
                                                          int64_t n_iters, double tol, double recover_ratio,
-                                                         bool check_finite) {
+                                                         bool check_finite, int64_t /*max_workspace: each segment's
+                                                                                      cost is held whole here*/) {
   check_cpu(source, "source");
   check_cpu(target, "target");
   check_cpu(positions, "positions");

@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cuda(const at::Tensor& sour
                                                           at::IntArrayRef keep, bool padded, double alpha, double beta,
                                                           double gamma, double sigma, double eps, double tau,
                                                           int64_t n_iters, double tol, double recover_ratio,
-                                                          bool check_finite) {
+                                                          bool check_finite, int64_t max_workspace) {
   check_cuda(source, "source", source);
   check_cuda(target, "target", source);
   check_cuda(positions, "positions", source);
@@ -137,10 +137,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cuda(const at::Tensor& sour
   at::Tensor scores = at::empty({call.T}, source.options().dtype(at::kFloat));
   // Only written when check_finite (then zeroed on the device first); the caller reads it only then.
   at::Tensor nonfinite = at::empty({1}, source.options().dtype(at::kInt));
-  // TOPV_COST_BUFFER_CAP_BYTES lowers the cost-buffer cap (tests use it to reach the streamed
-  // path of large segments on small inputs).
-  size_t cap = topv::kDefaultCostBufferCap;
-  if (const char* env = std::getenv("TOPV_COST_BUFFER_CAP_BYTES")) cap = std::max<size_t>(std::strtoull(env, nullptr, 10), 4);
+  // The cost buffer's cap: max_workspace, else TOPV_COST_BUFFER_CAP_BYTES (the tests use it to reach
+  // the streamed path of large segments on small inputs), else a share of the free memory.
+  TORCH_CHECK(max_workspace >= 0, kWho, ": max_workspace must be >= 0 (0: the default), got ", max_workspace);
+  size_t cap = size_t(max_workspace);
+  if (cap == 0) {
+    const char* env = std::getenv("TOPV_COST_BUFFER_CAP_BYTES");
+    cap = env ? std::max<size_t>(std::strtoull(env, nullptr, 10), 4) : topv::default_cost_buffer_cap();
+  }
   const size_t ws_bytes = topv::prune_workspace_size(a, cap);
   TORCH_CHECK(ws_bytes > 0, kWho, ": prune arguments rejected (see the checks above)");
   at::Tensor ws = workspace(ws_bytes, source);

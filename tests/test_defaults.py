@@ -55,6 +55,9 @@ def test_c_api_header_takes_the_defaults():
     for name in ("alpha", "beta", "gamma", "sigma", "eps", "n_iters", "tol", "tau", "recover_ratio"):
         assert c_default(name) == pytest.approx(D.PRUNE[name]), name
     assert c_default("tau_a") == D.TAU_A and c_default("tau_b") == D.TAU_B
+    assert re.search(r"kDefaultCostBufferCap = size_t\((\d+)\) << (\d+);", h).groups() == ("192", "20")
+    assert D.WORKSPACE_FLOOR_BYTES == 192 << 20
+    assert float(re.search(r"kCostBufferFreeFraction = ([0-9.]+);", h).group(1)) == D.WORKSPACE_FREE_FRACTION
 
 
 def test_docs_state_the_defaults():

@@ -40,6 +40,7 @@ def prune(request):
         ((S, S, POS, 2), {"sigma": -1.0}, ValueError, "sigma must be a finite number > 0"),
         ((S, S, POS, 2), {"n_iters": 0}, ValueError, "n_iters must be an integer >= 1, got 0"),
         ((S, S, POS, 2), {"tol": -1e-3}, ValueError, "tol must be a finite number >= 0"),
+        ((S, S, POS, 2), {"max_workspace": 0}, ValueError, r"max_workspace must be a number of bytes >= 1 \(or None"),
         ((S, S, POS, 2), {"tau": 0.0}, ValueError, r"tau must be a number > 0 \(inf for an exact marginal\), got 0.0"),
         ((S, S, POS, 2), {"tau": -1.0}, ValueError, "tau must be a number > 0"),
         ((S, S, POS, 2), {"tau": float("nan")}, ValueError, "tau must be a number > 0 .* got nan"),

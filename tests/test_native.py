@@ -69,7 +69,7 @@ def _gen(seed=0):
 def _prune_native(src, tgt, pos, seg_lens, keep, padded, p=PARAMS, check_finite=True):
     return torch.ops.topv.prune_native.default(
         src, tgt, pos, list(seg_lens), list(keep), padded, p["alpha"], p["beta"], p["gamma"], p["sigma"], p["eps"],
-        p["tau"], p["n_iters"], p["tol"], p["recover_ratio"], check_finite)
+        p["tau"], p["n_iters"], p["tol"], p["recover_ratio"], check_finite, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -269,7 +269,10 @@ def test_opcheck_native_ops(device):
     src, tgt = torch.randn(2 * n, d, generator=g).to(device), torch.randn(2 * n, d, generator=g).to(device)
     pos = torch.rand(n, 2, generator=g).to(device)
     torch.library.opcheck(torch.ops.topv.prune_native.default,
-                          (src, tgt, pos, [n, n], [5, 5], True, 1.0, 1.0, 0.1, 0.2, 0.1, 0.1, 3, 0.0, 0.25, True))
+                          (src, tgt, pos, [n, n], [5, 5], True, 1.0, 1.0, 0.1, 0.2, 0.1, 0.1, 3, 0.0, 0.25, True, 0))
+    torch.library.opcheck(torch.ops.topv.prune_native.default,  # a padded batch as (B, n, d)
+                          (src.view(2, n, d), tgt.view(2, n, d), pos, [n, n], [5, 5], True, 1.0, 1.0, 0.1, 0.2, 0.1,
+                           0.1, 3, 0.0, 0.25, True, 0))
     s3, t3 = src.view(2, n, d), tgt.view(2, n, d)
     p3 = pos.expand(2, n, 2).contiguous()
     torch.library.opcheck(torch.ops.topv.cost_matrix_native.default, (s3, t3, p3, p3, 1.0, 1.0, 0.3, 0.2))
@@ -283,7 +286,7 @@ x = torch.randn(10, 4)
 def call(src, lens, keep):
     try:
         torch.ops.topv.prune_native.default(src, src, torch.rand(10, 2), lens, keep, False, 1.0, 1.0, 0.1, 0.2, 0.1,
-                                            0.1, 3, 0.0, 0.25, True)
+                                            0.1, 3, 0.0, 0.25, True, 0)
     except RuntimeError as e:
         print("RAISED", str(e).splitlines()[0])
     else:

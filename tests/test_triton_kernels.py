@@ -285,7 +285,7 @@ def test_prune_kernel_padded(poisoned, device, shared_pos):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("streamed", [False, True])
-def test_prune_kernel_tol_per_segment(poisoned, device, streamed, monkeypatch):
+def test_prune_kernel_tol_per_segment(poisoned, device, streamed):
     """tol > 0: segments (scaled features change the cost's contrast) stop at different iterations."""
     gen = _gen(8)
     lens = _big(device, [9, 1, 21, 14], [577, 1, 300, 400])
@@ -296,16 +296,15 @@ def test_prune_kernel_tol_per_segment(poisoned, device, streamed, monkeypatch):
     tgt = _feat((T, d), torch.float32, device, gen)
     pos = torch.rand(T, 2, generator=gen).to(device)
     over = dict(n_iters=12, tol=2e-3, beta=0.05, alpha=0.5)
-    if streamed:  # K of each segment in slabs of a few row blocks
-        monkeypatch.setattr(poisoned, "WORKSPACE_BYTES", 4 * 16 * max(lens) + 4)
+    cap = 4 * 16 * max(lens) + 4 if streamed else None  # K of each segment in slabs of a few row blocks
     segs = Segments.of(tuple(lens), tuple(keep), False)
-    kept, scores, _ = poisoned.prune(src, tgt, pos, segs, _params(**over), False)
+    kept, scores, _ = poisoned.prune(src, tgt, pos, segs, _params(**over), False, cap)
     wk, ws = _oracle(src, tgt, pos, lens, keep, False, **over)
     _check_prune(kept, scores, lens, keep, False, wk, ws, 0.25, 2e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prune_kernel_streamed_matches_stored(poisoned, device, monkeypatch):
+def test_prune_kernel_streamed_matches_stored(poisoned, device):
     """The slab-streamed path (K recomputed per slab every pass) gives the stored path's result."""
     gen = _gen(9)
     B, n, d = _big(device, (2, 37, 24), (1, 2049, 512))
@@ -314,8 +313,7 @@ def test_prune_kernel_streamed_matches_stored(poisoned, device, monkeypatch):
     pos = torch.rand(n, 2, generator=gen).to(device)
     segs = Segments.of((n,) * B, (n // 4,) * B, True)
     k1, s1, _ = poisoned.prune(src, tgt, pos, segs, _params(), False)
-    monkeypatch.setattr(poisoned, "WORKSPACE_BYTES", 4 * n * 16 * 2 + 8)  # 2 row blocks per slab
-    k2, s2, _ = poisoned.prune(src, tgt, pos, segs, _params(), False)
+    k2, s2, _ = poisoned.prune(src, tgt, pos, segs, _params(), False, 4 * n * 16 * 2 + 8)  # 2 row blocks per slab
     # the slabs' GEMM tiles (hence fp32 summation order) differ from the stored path's
     torch.testing.assert_close(s2, s1, atol=2e-5, rtol=0)
     wk, ws = _oracle(src, tgt, pos, [n] * B, [n // 4] * B, True)

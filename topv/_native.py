@@ -21,7 +21,7 @@ def sinkhorn(C, log_a, log_b, eps, n_iters, tol, tau_a, tau_b):
     return _sinkhorn(C, log_a, log_b, eps, n_iters, tol, tau_a, tau_b)
 
 
-def prune(src, tgt, pos, segs, params, check_finite):
+def prune(src, tgt, pos, segs, params, check_finite, max_workspace):
     p = params
     return _prune(src, tgt, pos, segs.lens_list, segs.keep_list, segs.padded, p.alpha, p.beta, p.gamma, p.sigma,
-                  p.eps, p.tau, p.n_iters, p.tol, p.recover_ratio, check_finite)
+                  p.eps, p.tau, p.n_iters, p.tol, p.recover_ratio, check_finite, max_workspace or 0)

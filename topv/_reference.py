@@ -13,7 +13,9 @@ The contract (inputs already validated and normalised by :mod:`topv.ops`):
   layout, params :class:`topv.ops.PruneParams` -> kept int64, (B, keep) indices within each row
   (padded) or (sum(keep),) indices into the packed rows; scores float32 (B, n) or (T,); and a
   device flag that is nonzero when an input is not finite (checked only with ``check_finite``;
-  None otherwise).
+  None otherwise). ``max_workspace`` (bytes or None) caps the temporary cost buffer of the GPU
+  backends (``topv._triton.workspace_cap``; the CUDA backend applies the same rule); the reference
+  and the C++ CPU kernels hold each segment's n² cost whole.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
     return bad
 
 
-def prune(src, tgt, pos, segs, params, check_finite):
+def prune(src, tgt, pos, segs, params, check_finite, max_workspace):
     kw = dict(alpha=params.alpha, beta=params.beta, gamma=params.gamma, sigma=params.sigma, eps=params.eps,
               tau=params.tau, n_iters=params.n_iters, tol=params.tol, recover_ratio=params.recover_ratio)
     bad = _nonfinite(src, tgt, pos) if check_finite else None

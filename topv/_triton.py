@@ -12,8 +12,8 @@ Pipeline of ``prune`` (docs/algorithm.md):
    the scores,
 4. ``_top_flag_kernel`` (exact ranks) and ``_compact_kernel`` (top + uniform recovery).
 
-When the whole batch's K does not fit ``WORKSPACE_BYTES`` each segment runs alone and a segment
-too large for it is streamed: its rows are cut into slabs that fit, and every pass recomputes
+When the whole batch's K does not fit the workspace cap (``workspace_cap``) each segment runs
+alone and a segment too large for it is streamed: its rows are cut into slabs that fit, and every pass recomputes
 each slab's GEMM before the row pass reads it. Slabs are visited in serpentine order so the slab
 left in the workspace by one pass is the first one of the next (one GEMM slab saved per pass).
 """
@@ -25,15 +25,13 @@ import os
 
 import torch
 
+from topv import defaults as D
 from topv.reference import relaxation
 from topv.triton_kernels.cost_matrix import _cost_kernel, _cost_split_epilogue_kernel, _row_inv_norm_kernel
 from topv.triton_kernels.prune import _compact_kernel, _top_flag_kernel
 from topv.triton_kernels.sinkhorn import _sinkhorn_merge_kernel, _sinkhorn_row_kernel
 
 LOG2E = 1.0 / math.log(2.0)
-# Temporary memory of a prune call for K (fp32, all segments or one streamed slab) and the
-# Sinkhorn column partials; the small per-token buffers (norms, potentials) come on top.
-WORKSPACE_BYTES = 248 << 20
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -266,11 +264,25 @@ def _select_table(segs, device, recover_ratio):
     return segs.cached(device, f"triton_table_rr{recover_ratio!r}", build)
 
 
-def _plan(segs, device):
-    """(n_max, elements of every segment's K, whether they and the partials fit WORKSPACE_BYTES)."""
+def workspace_cap(device: torch.device, max_workspace: int | None) -> int:
+    """Bytes a prune call may take for K (fp32, all segments or one streamed slab) and the Sinkhorn
+    column partials (the small per-token buffers come on top): ``max_workspace`` if given, else
+    TOPV_COST_BUFFER_CAP_BYTES, else a share of the device's free memory with a floor
+    (topv.defaults). The CUDA backend applies the same rule (csrc/topv_api.cu)."""
+    if max_workspace is not None:
+        return max_workspace
+    env = os.environ.get("TOPV_COST_BUFFER_CAP_BYTES")
+    if env:
+        return max(int(env), 4)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return max(D.WORKSPACE_FLOOR_BYTES, int(D.WORKSPACE_FREE_FRACTION * free))
+
+
+def _plan(segs, cap):
+    """(n_max, elements of every segment's K, whether they and the partials fit in cap bytes)."""
     n_max, k_elems = max(segs.lens), sum(n * n for n in segs.lens)
     T = sum(segs.lens)
-    return n_max, k_elems, 4 * k_elems + _Sinkhorn.partial_bytes(n_max, n_max, segs.count, T) <= WORKSPACE_BYTES
+    return n_max, k_elems, 4 * k_elems + _Sinkhorn.partial_bytes(n_max, n_max, segs.count, T) <= cap
 
 
 def _packed_rows(x: torch.Tensor) -> torch.Tensor:
@@ -279,18 +291,19 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def prune(source, target, pos, segs, params, check_finite):
+def prune(source, target, pos, segs, params, check_finite, max_workspace=None):
     """TopV (the launcher contract of topv/_reference.py). Returns (kept, scores, bad)."""
     src, tgt = _packed_rows(source), _packed_rows(target)
     if pos.dim() == 3:
         pos = pos.reshape(-1, 2)
-    kept, scores, bad = _prune_packed(src, tgt, pos, segs, params, check_finite)
+    kept, scores, bad = _prune_packed(src, tgt, pos, segs, params, check_finite,
+                                      workspace_cap(src.device, max_workspace))
     if source.dim() == 3:
         kept, scores = kept.view(segs.count, segs.keep[0]), scores.view(source.shape[:2])
     return kept, scores, bad
 
 
-def _prune_packed(src, tgt, pos, segs, params, check_finite):
+def _prune_packed(src, tgt, pos, segs, params, check_finite, cap):
     dev = src.device
     T, d = src.shape
     S = segs.count
@@ -308,7 +321,7 @@ def _prune_packed(src, tgt, pos, segs, params, check_finite):
     # positions: packed rows (T, 2), or the shared (n, 2) of a padded batch (batch stride 0)
     p_strides = (0 if pos_shared else n_pad * 2, 2, 1)
 
-    n_max, k_elems, stored = segs.cached(dev, f"triton_plan_{WORKSPACE_BYTES}", _plan)
+    n_max, k_elems, stored = _plan(segs, cap)
     if stored:
         k = _empty(k_elems, torch.float32, dev)
         _launch_cost(
@@ -326,7 +339,7 @@ def _prune_packed(src, tgt, pos, segs, params, check_finite):
         for r0, n in zip(segs.starts, segs.lens):
             p_seg = pos[:n] if pos_shared else pos[r0:r0 + n]
             _prune_one_streamed(src[r0:r0 + n], tgt[r0:r0 + n], p_seg, inv_s[r0:r0 + n], inv_t[r0:r0 + n],
-                                scores[r0:r0 + n], params, cost_kw)
+                                scores[r0:r0 + n], params, cost_kw, cap)
 
     kept = select(scores, segs, params.recover_ratio)
     return kept, scores, bad
@@ -355,10 +368,10 @@ def select(scores, segs, recover_ratio):
     return kept
 
 
-def _prune_one_streamed(src, tgt, pos, inv_s, inv_t, scores, params, cost_kw):
+def _prune_one_streamed(src, tgt, pos, inv_s, inv_t, scores, params, cost_kw, cap):
     """Sinkhorn + scores of one segment whose K is computed slab by slab (rows [lo, hi)).
 
-    The slab and its column partials fit WORKSPACE_BYTES; slabs are equal (multiples of the row
+    The slab and its column partials fit in cap bytes; slabs are equal (multiples of the row
     block) and visited in serpentine order, so each pass after the first reuses the slab left
     by the previous one instead of recomputing its GEMM.
     """
@@ -366,7 +379,7 @@ def _prune_one_streamed(src, tgt, pos, inv_s, inv_t, scores, params, cost_kw):
     n, d = src.shape
     bm = _row_block(n, n, 1)
     per_row = 4 * n + 2 * 4 * n / bm  # K row + its share of the column partials
-    slab_max = max(bm, int(WORKSPACE_BYTES // per_row) // bm * bm)
+    slab_max = max(bm, int(cap // per_row) // bm * bm)
     n_slabs = _cdiv(n, slab_max)
     slab = _cdiv(_cdiv(n, n_slabs), bm) * bm
     sk = _Sinkhorn(dev, scores, padded=True, n_pad=n, m_pad=n, n_seg=1, n_max=n, m_max=n, rows_total=n,

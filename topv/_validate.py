@@ -73,6 +73,11 @@ def relaxation(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number > 0 (inf for an exact marginal), got {value!r}")
 
 
+def max_workspace(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_workspace must be a number of bytes >= 1 (or None for the default), got {value!r}")
+
+
 def recover_ratio(value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
         raise ValueError(f"recover_ratio must lie in [0, 1), got {value!r}")

@@ -124,6 +124,7 @@ def prune(
     tol: float = D.TOL,
     recover_ratio: float = D.RECOVER_RATIO,
     check_finite: bool = True,
+    max_workspace: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the visual tokens TopV keeps, with an exact budget per segment.
@@ -156,6 +157,6 @@ def prune(
         return torch.ops.topv.prune(
             source, target, positions, keep, seg_lens=seg_lens, alpha=alpha, beta=beta, gamma=gamma, sigma=sigma,
             eps=eps, tau=tau, n_iters=n_iters, tol=tol, recover_ratio=recover_ratio, check_finite=check_finite,
-            backend=backend)
+            max_workspace=max_workspace, backend=backend)
     params = _ops.PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
-    return _ops.prune_eager(source, target, positions, keep, seg_lens, params, check_finite, backend)
+    return _ops.prune_eager(source, target, positions, keep, seg_lens, params, check_finite, max_workspace, backend)

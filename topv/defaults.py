@@ -23,6 +23,11 @@ LAYER = 2  # K: the decoder layer whose input (source) and post-attention-norm o
 # topv.sinkhorn is a general solver: balanced by default, as POT's ot.sinkhorn.
 TAU_A = math.inf
 TAU_B = math.inf
+# prune's cost buffer on the GPU (cuda, triton): when no max_workspace is given and the environment
+# variable TOPV_COST_BUFFER_CAP_BYTES is unset, this share of the device's free memory, and at
+# least the floor; a segment whose n^2 fp32 cost does not fit streams it in row slabs.
+WORKSPACE_FREE_FRACTION = 0.25
+WORKSPACE_FLOOR_BYTES = 192 << 20
 
 # Keyword defaults of topv.prune / torch.ops.topv.prune beyond the layout arguments.
 PRUNE = dict(alpha=ALPHA, beta=BETA, gamma=GAMMA, sigma=SIGMA, eps=EPS, tau=TAU, n_iters=N_ITERS, tol=TOL,

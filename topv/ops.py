@@ -47,7 +47,8 @@ _lib.define(
 _lib.define(
     "prune(Tensor source, Tensor target, Tensor positions, int[] keep, *, int[]? seg_lens=None, "
     f"{_COST_ARGS}, float eps={D.EPS!r}, float tau={D.TAU!r}, int n_iters={D.N_ITERS}, float tol={D.TOL!r}, "
-    f"float recover_ratio={D.RECOVER_RATIO!r}, bool check_finite=True, str backend='auto') -> (Tensor, Tensor)"
+    f"float recover_ratio={D.RECOVER_RATIO!r}, bool check_finite=True, int? max_workspace=None, "
+    "str backend='auto') -> (Tensor, Tensor)"
 )
 # Native entry points (implemented in csrc/). Inputs are normalised by the public op:
 # cost_matrix_native: source (B,n,d), target (B,m,d), src_pos (B,n,2) f32, tgt_pos (B,m,2) f32.
@@ -56,7 +57,9 @@ _lib.define(
 # prune_native: packed source/target (T,d) with unit stride on d, positions (T,2) or, for a padded
 #   batch, the shared (n,2) f32 contiguous; `padded` makes kept indices local to each segment.
 #   Returns (kept int64 (sum(keep),), scores f32 (T,), nonfinite int32 (1,): nonzero when any
-#   feature or position was non-finite; only written when check_finite is true).
+#   feature or position was non-finite; only written when check_finite is true). A padded batch
+#   may come as (B, n, d): kept (B, keep) and scores (B, n) then. max_workspace: the cost buffer's
+#   cap in bytes, 0 for the default (docs: topv.defaults.WORKSPACE_*).
 _lib.define(
     "cost_matrix_native(Tensor source, Tensor target, Tensor src_pos, Tensor tgt_pos, "
     "float alpha, float beta, float gamma, float sigma) -> Tensor"
@@ -68,7 +71,7 @@ _lib.define(
 _lib.define(
     "prune_native(Tensor source, Tensor target, Tensor positions, int[] seg_lens, int[] keep, "
     "bool padded, float alpha, float beta, float gamma, float sigma, float eps, float tau, int n_iters, "
-    "float tol, float recover_ratio, bool check_finite) -> (Tensor, Tensor, Tensor)"
+    "float tol, float recover_ratio, bool check_finite, int max_workspace) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -360,12 +363,14 @@ def _prune_layout(source, target, positions, keep, seg_lens, params: PruneParams
     return segs
 
 
-def prune_eager(source, target, positions, keep, seg_lens, params: PruneParams, check_finite, backend):
+def prune_eager(source, target, positions, keep, seg_lens, params: PruneParams, check_finite, max_workspace, backend):
     """The kernel of ``topv::prune``."""
     segs = _prune_layout(source, target, positions, keep, seg_lens, params)
+    if max_workspace is not None:
+        V.max_workspace(max_workspace)
     run = backends.resolve(backend, source.device).launchers
     pos = positions if positions.dtype == torch.float32 else positions.float()
-    kept, scores, bad = run.prune(source, target, pos.contiguous(), segs, params, check_finite)
+    kept, scores, bad = run.prune(source, target, pos.contiguous(), segs, params, check_finite, max_workspace)
     if check_finite and bool(bad.any()):  # the one host sync of a checked call
         raise ValueError(
             "non-finite values (NaN or Inf) in source, target or positions; topv cannot rank such tokens. "
@@ -378,15 +383,15 @@ def prune_eager(source, target, positions, keep, seg_lens, params: PruneParams, 
 @_impl("prune")
 def _prune(source, target, positions, keep, *, seg_lens=None, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA,
            sigma=D.SIGMA, eps=D.EPS, tau=D.TAU, n_iters=D.N_ITERS, tol=D.TOL, recover_ratio=D.RECOVER_RATIO,
-           check_finite=True, backend="auto"):
+           check_finite=True, max_workspace=None, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
-    return prune_eager(source, target, positions, keep, seg_lens, params, check_finite, backend)
+    return prune_eager(source, target, positions, keep, seg_lens, params, check_finite, max_workspace, backend)
 
 
 @torch.library.register_fake("topv::prune")
 def _prune_fake(source, target, positions, keep, *, seg_lens=None, alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA,
                 sigma=D.SIGMA, eps=D.EPS, tau=D.TAU, n_iters=D.N_ITERS, tol=D.TOL, recover_ratio=D.RECOVER_RATIO,
-                check_finite=True, backend="auto"):
+                check_finite=True, max_workspace=None, backend="auto"):
     params = PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
     _, keep, padded = _check_prune(source, target, positions, keep, seg_lens, params)
     if padded:
@@ -409,7 +414,10 @@ def _sinkhorn_native_fake(cost, log_a, log_b, eps, n_iters, tol, tau_a, tau_b):
 
 @torch.library.register_fake("topv::prune_native")
 def _prune_native_fake(source, target, positions, seg_lens, keep, padded, alpha, beta, gamma, sigma, eps, tau,
-                       n_iters, tol, recover_ratio, check_finite):
+                       n_iters, tol, recover_ratio, check_finite, max_workspace):
+    if source.dim() == 3:
+        return (source.new_empty((source.shape[0], keep[0]), dtype=torch.int64),
+                source.new_empty(source.shape[:2], dtype=torch.float32), source.new_empty((1,), dtype=torch.int32))
     return (source.new_empty((sum(keep),), dtype=torch.int64),
             source.new_empty((source.shape[0],), dtype=torch.float32),
             source.new_empty((1,), dtype=torch.int32))

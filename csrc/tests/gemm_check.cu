@@ -26,7 +26,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "topv/cost.cuh"
+#include "topv/cost_launch.cuh"
 
 using namespace topv;
 using namespace topv::detail;

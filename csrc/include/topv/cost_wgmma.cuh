@@ -1,7 +1,8 @@
 // Cost GEMM on Hopper's warpgroup MMA (wgmma, sm_90a) with TMA loads: same contract as
 // cost_gemm_tc_kernel (cost.cuh) for inputs the tensor maps can describe (wg_tma_ok: 16-byte-aligned
 // bases, row strides >= d and a multiple of 16 bytes, segment offsets whole rows), which the
-// launcher there picks on compute capability 9.0 when the build has sm_90a code (TOPV_HAS_SM90A).
+// launcher (cost_launch.cuh) picks on compute capability 9.0 when the build has sm_90a code
+// (TOPV_HAS_SM90A).
 // Everything else goes to the mma.sync kernel.
 //
 // * Block tile BM x BN (BM = 64 NCW with NCW = 2 or 3 consumer warpgroups; BN = 128 / 192 / 256),
@@ -42,6 +43,66 @@
 
 namespace topv {
 namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// The wgmma GEMM configs (sm_90a only). Block tile BM x BN with
+// BM = 64 NCW, BK = 64: NCW consumer warpgroups (64 rows each) + 1 TMA producer warpgroup,
+// 128 (NCW + 1) threads, 1 block per SM. Registers: the launch bounds give every thread 65536 / NT
+// (in steps of 8): 168 at NCW = 2, 128 at NCW = 3. The consumers need more (BN / 2 accumulators),
+// so the producer warpgroup drops to PREGS with setmaxnreg and the consumers take what it frees:
+// 128 * 40 + 256 * 232 = 384 * 168, 128 * 32 + 384 * 160 = 512 * 128. (A lone producer warp
+// would not save that: each SM sub-partition holds a quarter of the register file and every
+// fourth warp, so ptxas caps 13 warps at 128 registers like 16, and 9 at 168 like 12.)
+// SMEM: the stages, + 1024 (the kernel aligns its base to the swizzle atom), + the full / empty
+// mbarrier pairs.
+// * WgWide 128 x 256, 4 x 48 KB stages: the most reuse per loaded byte with 2 warpgroups; big
+//   problems ((c): 3072 x 16384, d = 3584).
+// * WgMid 128 x 192, 5 x 40 KB: n = 576 = 3 x 192 columns.
+// * WgSq 128 x 128, 6 x 32 KB: finer wave granularity (at 2 blocks per SM the launch bounds
+//   would leave 80 registers, too few for the accumulators).
+// * WgBigSq 192 x 192 (3 consumer warpgroups), 4 x 48 KB (5 would not fit): big batches of
+//   n = 576 segments and big segments. The kernel is bound by its tile loads, not its MMAs (ncu
+//   at 64 x 576^2, d = 4096, 128 x 192: L2 85 %, SM 47 %; see tc_model): a 576 x 576 segment is
+//   15 tiles of 128 x 192 reading 15 x 320 tile rows of d, with 576 rows padded to 640, against 9
+//   tiles of 192 x 192 reading 9 x 384 (-28 %) with no padding (also exact at n = 2880 = 15 x 192).
+//   H100 (gemm_check): 64 x 576^2 412 us against 458 for 128 x 192, n = 2880 166 against 199; but
+//   B = 16 (144 tiles for 132 SMs) 158 against 121, so the model chooses. 192 x 256 would need 128
+//   accumulators of the consumers' 160 registers.
+// ---------------------------------------------------------------------------------------------
+
+template <int BN_, int STAGES_, int NCW_>
+struct WgCfg {
+  static constexpr int NCW = NCW_;  // consumer warpgroups
+  static constexpr int BM = 64 * NCW, BN = BN_, BK = 64, STAGES = STAGES_, MINB = 1;
+  static constexpr int NCT = 128 * NCW, NT = NCT + 128;  // consumer threads; + the producer warpgroup
+  static constexpr int PREGS = NCW == 2 ? 40 : 32;       // setmaxnreg targets: producer, consumers
+  static constexpr int CREGS = NCW == 2 ? 232 : 160;
+  static constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
+  static constexpr size_t SMEM = size_t(STAGES) * STAGE_BYTES + 1024 + size_t(2 * STAGES) * 8;
+};
+using WgWide = WgCfg<256, 4, 2>;
+using WgMid = WgCfg<192, 5, 2>;
+using WgSq = WgCfg<128, 6, 2>;
+using WgBigSq = WgCfg<192, 4, 3>;
+
+// Whether launches on the current device may use the wgmma kernel: the build has sm_90a code
+// (TOPV_HAS_SM90A) and the device is compute capability 9.0, the only one sm_90a code runs on.
+inline bool wg_available() {
+#if defined(TOPV_HAS_SM90A) && TOPV_HAS_SM90A
+  static signed char known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < 64 && known[dev]) return known[dev] > 0;
+  int major = 0, minor = 0;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                  major == 9 && minor == 0;
+  if (dev < 64) known[dev] = ok ? 1 : -1;
+  return ok;
+#else
+  return false;
+#endif
+}
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 

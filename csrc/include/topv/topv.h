@@ -95,8 +95,13 @@ constexpr int kMaxSegmentsPerLaunch = 128;
 // Bytes of device workspace each call needs (256-byte aligned pointer; cost_matrix needs none,
 // its row norms come from the GEMM itself, but keeps the parameter for stability). prune keeps its largest
 // cost buffer within `cost_buffer_cap` bytes: segments whose n*n fp32 cost does not fit stream it
-// in row chunks and recompute them each Sinkhorn pass.
-constexpr size_t kDefaultCostBufferCap = size_t(192) << 20;
+// in row chunks and recompute them each Sinkhorn pass (n = 16384: 1 GiB whole; streamed it costs
+// ~4 GEMMs instead of one).
+constexpr size_t kDefaultCostBufferCap = size_t(192) << 20;  // the floor of default_cost_buffer_cap
+constexpr double kCostBufferFreeFraction = 0.25;
+// The cap the torch launcher uses when none is given: kCostBufferFreeFraction of the current
+// device's free memory (cudaMemGetInfo), at least kDefaultCostBufferCap.
+size_t default_cost_buffer_cap();
 size_t cost_matrix_workspace_size(const CostArgs& args);
 size_t sinkhorn_workspace_size(const SinkhornArgs& args);
 size_t prune_workspace_size(const PruneArgs& args, size_t cost_buffer_cap = kDefaultCostBufferCap);
