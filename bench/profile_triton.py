@@ -7,6 +7,7 @@ large shapes. --sweep adds host-overhead numbers, a GEMM tile sweep on one n=163
 sweeps at n=576 (B=1, 16). --quick skips the eager-reference timings.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -65,8 +66,7 @@ def breakdown(fn):
     return " | ".join(f"{k} x{c} {t:.0f}us" for t, c, k in rows[:6])
 
 
-def main():
-    quick = "--quick" in sys.argv
+def main(quick: bool):
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     print(f"{'shape':28s} {'py_us':>9s} {'graph_us':>9s} {'tmp_MiB':>8s}  breakdown")
     for B, n, d, k in SHAPES:
@@ -183,8 +183,14 @@ def sweep():
 
 
 if __name__ == "__main__":
-    main()
-    if "--sweep" in sys.argv:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the eager-reference timings")
+    ap.add_argument("--sweep", action="store_true", help="also the host overheads and the GEMM / row-block sweeps")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_triton.py needs a CUDA device")
+    main(args.quick)
+    if args.sweep:
         overheads()
         gemm_sweep()
         sweep()
