@@ -118,7 +118,24 @@ def cpu_table(device=CPU, commit=None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"prune-gpu": prune_table, "sinkhorn-gpu": sinkhorn_table, "prune-cpu": cpu_table}
+def launch_table(device=None, commit=None) -> str:
+    """The host cost of the Python entry points over the native launcher, per device measured."""
+    out = []
+    for dev in sorted(os.listdir(RESULTS)):
+        rows = _pick(read_rows(RESULTS, "launch", dev), commit)
+        if not rows:
+            continue
+        if not out:
+            out = ["| device | native launcher | `topv.prune` | `torch.ops.topv.prune` | overhead of `topv.prune` |",
+                   "|---|---:|---:|---:|---:|"]
+        us = {r["provider"]: float(r["us"]) for r in rows}
+        out.append(f"| {rows[0]['device']} ({rows[0]['commit']}) | {us['native launcher']:.1f} | {us['topv.prune']:.1f} | "
+                   f"{us['torch.ops.topv.prune']:.1f} | {us['topv.prune'] - us['native launcher']:.1f} |")
+    return "\n".join(["Host µs per call (B=1, n=16, d=32: the kernels take a few µs), median of many calls:", ""] + out) \
+        if out else "(no run)"
+
+
+TABLES = {"prune-gpu": prune_table, "sinkhorn-gpu": sinkhorn_table, "prune-cpu": cpu_table, "launch": launch_table}
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(\n<!-- /table -->)", re.S)
 
 

@@ -1,13 +1,13 @@
 # ctest topv_install_consumer: installs the build in BUILD_DIR into WORK_DIR/prefix, configures and
-# builds the consumer project in CONSUMER_DIR against it with find_package(topv), and runs it.
+# builds the consumer project in CONSUMER_DIR against it with find_package(topv), and runs its
+# programs (the CUDA one only when TOPV_CUDA).
 file(REMOVE_RECURSE "${WORK_DIR}")
 execute_process(COMMAND ${CMAKE_COMMAND} --install "${BUILD_DIR}" --prefix "${WORK_DIR}/prefix" RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "install failed (${rc})")
 endif()
 execute_process(COMMAND ${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/build"
-                        "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix" "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS}"
-                RESULT_VARIABLE rc)
+                        "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix" "-DTOPV_CUDA=${TOPV_CUDA}" RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "configuring the consumer against the installed topv failed (${rc})")
 endif()
@@ -15,7 +15,13 @@ execute_process(COMMAND ${CMAKE_COMMAND} --build "${WORK_DIR}/build" RESULT_VARI
 if(rc)
   message(FATAL_ERROR "building the consumer failed (${rc})")
 endif()
-execute_process(COMMAND "${WORK_DIR}/build/topv_consumer" RESULT_VARIABLE rc)
-if(rc)
-  message(FATAL_ERROR "the consumer failed (${rc})")
+set(programs topv_consumer_cpu)
+if(TOPV_CUDA)
+  list(APPEND programs topv_consumer)
 endif()
+foreach(p IN LISTS programs)
+  execute_process(COMMAND "${WORK_DIR}/build/${p}" RESULT_VARIABLE rc)
+  if(rc)
+    message(FATAL_ERROR "${p} failed (${rc})")
+  endif()
+endforeach()

@@ -29,11 +29,6 @@ using namespace detail;
 
 constexpr int kRowWarps = 8;
 
-// The relaxation factors of docs/algorithm.md: kappa = tau / (tau + eps) scales a potential update
-// (1 for an exact marginal, tau = inf); rho = eps / tau is the exponent of the relaxed row target.
-float kappa(float tau, float eps) { return std::isinf(tau) ? 1.0f : float(double(tau) / (double(tau) + double(eps))); }
-float rho(float tau, float eps) { return std::isinf(tau) ? 0.0f : float(double(eps) / double(tau)); }
-bool relaxation_ok(float tau) { return tau > 0; }  // inf allowed; NaN fails
 
 int sm_count() {
   int dev = 0, sms = 132;
@@ -326,20 +321,6 @@ PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void*
   return w;
 }
 
-bool prune_args_ok(const PruneArgs& a) {
-  if (!a.source || !a.target || !a.positions || a.total_rows < 1 || a.d < 1 || a.num_segments < 1) return false;
-  if (a.sinkhorn.n_iters < 1 || !(a.sinkhorn.eps > 0) || !(a.sinkhorn.tol >= 0) || !relaxation_ok(a.tau)) return false;
-  if (!(a.recover_ratio >= 0 && a.recover_ratio < 1)) return false;
-  int64_t total = 0;
-  for (int64_t k = 0; k < a.num_segments; ++k) {
-    if (a.seg_lens[k] < 1 || a.keep[k] < 1 || a.keep[k] > a.seg_lens[k]) return false;
-    if (a.padded && a.seg_lens[k] != a.seg_lens[0]) return false;
-    if (a.seg_lens[k] > (int64_t(1) << 30)) return false;
-    total += a.seg_lens[k];
-  }
-  if (total != a.total_rows || a.total_rows >= (int64_t(1) << 31)) return false;
-  return a.position_rows == a.total_rows || (a.padded && a.position_rows == a.seg_lens[0]);
-}
 
 }  // namespace
 
@@ -348,8 +329,7 @@ bool prune_args_ok(const PruneArgs& a) {
 size_t cost_matrix_workspace_size(const CostArgs&) { return 0; }  // norms are computed in the GEMM
 
 cudaError_t cost_matrix(const CostArgs& a, float* out, void*, size_t, cudaStream_t st) {
-  if (a.batch < 1 || a.n < 1 || a.m < 1 || a.d < 1 || a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
-    return cudaErrorInvalidValue;
+  if (!cost_args_ok(a)) return cudaErrorInvalidValue;
   GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.src_pos, a.tgt_pos,
               a.src_pos_row_stride, a.tgt_pos_row_stride, out, nullptr,
               0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
@@ -376,10 +356,7 @@ size_t sinkhorn_workspace_size(const SinkhornArgs& a) {
 cudaError_t sinkhorn(const SinkhornArgs& a, float* f, float* g, void* workspace, size_t workspace_bytes,
                      cudaStream_t st) {
   const SinkhornParams& p = a.sinkhorn;
-  if (a.batch < 1 || a.n < 1 || a.m < 1 || p.n_iters < 1 || !(p.eps > 0) || !(p.tol >= 0) ||
-      !relaxation_ok(a.tau_a) || !relaxation_ok(a.tau_b) || workspace_bytes < sinkhorn_workspace_size(a) ||
-      a.batch * std::max(a.n, a.m) >= (int64_t(1) << 31))
-    return cudaErrorInvalidValue;
+  if (!sinkhorn_args_ok(a) || workspace_bytes < sinkhorn_workspace_size(a)) return cudaErrorInvalidValue;
   const float ka = kappa(a.tau_a, p.eps), ra = rho(a.tau_a, p.eps), kb = kappa(a.tau_b, p.eps);
   const ClusterPlan plan = plan_cluster(a.batch, a.n, a.m, p.max_cluster);
   if (plan.cs > 0) {

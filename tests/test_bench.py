@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-@pytest.mark.parametrize("script", ["bench_prune.py", "bench_sinkhorn.py", "bench_cpu.py", "bench_e2e.py",
+@pytest.mark.parametrize("script", ["bench_prune.py", "bench_sinkhorn.py", "bench_cpu.py", "bench_e2e.py", "bench_launch.py",
                                     "profile_triton.py", "sensitivity.py", "tables.py"])
 def test_help_starts_no_run(script):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,

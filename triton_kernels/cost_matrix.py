@@ -105,14 +105,15 @@ def _cost_of(cos, imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha, b
 @triton.jit
 def _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc,
               alpha, beta, gamma, neg_half_inv_sigma2, out_scale):
-    """out_scale * C of a tile from its raw feature dot products acc (fp32), and whether an entry
-    needs the float64 path (an inverse norm of +inf: the entry is then not final)."""
+    """out_scale * C of a tile from its raw feature dot products acc (fp32), and whether a row or
+    column of the tile needs the float64 path (inverse norm +inf: its entries are then not final).
+    The flag reduces the BM + BN inverse norms, not the tile: a tile-wide reduction cost the GEMM
+    3-5 % at n = 576-3328 on the H100."""
     inv_s = tl.load(inv_s_ptr + row0 + i, mask=imask, other=1.0)
     inv_t = tl.load(inv_t_ptr + col0 + j, mask=jmask, other=1.0)
-    inv = inv_s[:, None] * inv_t[None, :]
-    c = _cost_of(acc * inv, imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha, beta, gamma,
-                 neg_half_inv_sigma2, out_scale)
-    return c, tl.max(tl.where(inv == float("inf"), 1, 0))
+    c = _cost_of(acc * inv_s[:, None] * inv_t[None, :], imask, jmask, p_ptr, q_ptr, p_row, q_row, p_sc, q_sc, alpha,
+                 beta, gamma, neg_half_inv_sigma2, out_scale)
+    return c, (tl.max(inv_s, axis=0) == float("inf")) | (tl.max(inv_t, axis=0) == float("inf"))
 
 
 @triton.jit
@@ -214,7 +215,7 @@ def _cost_kernel(
         c, exact = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row,
                              p_sc, q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
         tl.store(c_ptrs, c, mask=mask)
-        if exact > 0:
+        if exact:
             _store_exact(s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, z, row0, col0, c_off, i_lo, n, row_hi,
                          j, jmask, c_row0, d, s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc,
                          c_sb, ldc, m, alpha, beta, gamma, neg_half_inv_sigma2, out_scale, PADDED, BM, BN)
@@ -250,7 +251,7 @@ def _cost_split_epilogue_kernel(
     c, exact = _epilogue(acc, i, j, imask, jmask, row0, col0, inv_s_ptr, inv_t_ptr, p_ptr, q_ptr, p_row, q_row, p_sc,
                          q_sc, alpha, beta, gamma, neg_half_inv_sigma2, out_scale)
     tl.store(c_ptr + offs, c, mask=mask)
-    if exact > 0:
+    if exact:
         _store_exact(s_ptr, t_ptr, p_ptr, q_ptr, inv_s_ptr, inv_t_ptr, c_ptr, z, row0, col0, c_off, pid_m * BM, n, n, j,
                      jmask, 0, d, s_sb, s_sr, s_sk, t_sb, t_sr, t_sk, p_sb, p_sr, p_sc, q_sb, q_sr, q_sc, c_sb, ldc, m,
                      alpha, beta, gamma, neg_half_inv_sigma2, out_scale, PADDED, BM, BN)
