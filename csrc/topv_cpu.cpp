@@ -19,16 +19,6 @@ void check_cpu(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": ", name, " must be a CPU tensor, got ", x.device());
 }
 
-topv::DType feature_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kHalf: return topv::DType::kFloat16;
-    case at::kBFloat16: return topv::DType::kBFloat16;
-    default: return topv::DType::kFloat32;  // the shared checks admit nothing else
-  }
-}
-
-at::Tensor unit_last(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
-
 // ATen's intra-op thread pool and its float32 BLAS (MKL in the PyTorch wheels).
 void aten_parallel_for(int64_t begin, int64_t end, int64_t grain, void (*body)(void*, int64_t, int64_t), void* ctx) {
   at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) { body(ctx, b0, b1); });
@@ -48,28 +38,11 @@ at::Tensor cost_matrix_cpu(const at::Tensor& source, const at::Tensor& target, c
                            const at::Tensor& tgt_pos, double alpha, double beta, double gamma, double sigma) {
   for (auto [x, name] : {std::pair{&source, "source"}, {&target, "target"}, {&src_pos, "src_pos"}, {&tgt_pos, "tgt_pos"}})
     check_cpu(*x, name);
-  const auto [B, n, m, d] = topv_torch::check_cost_matrix(source, target, src_pos, tgt_pos, kWho);
+  const topv_torch::CostShape c = topv_torch::check_cost_matrix(source, target, src_pos, tgt_pos, kWho);
+  using topv_torch::unit_last;
   const at::Tensor s = unit_last(source), t = unit_last(target), p = unit_last(src_pos), q = unit_last(tgt_pos);
-  topv::CostArgs a{};
-  a.source = s.data_ptr();
-  a.target = t.data_ptr();
-  a.dtype = feature_dtype(source);
-  a.batch = B;
-  a.n = n;
-  a.m = m;
-  a.d = d;
-  a.source_batch_stride = s.stride(0);
-  a.source_row_stride = s.stride(1);
-  a.target_batch_stride = t.stride(0);
-  a.target_row_stride = t.stride(1);
-  a.src_pos = p.data_ptr<float>();
-  a.tgt_pos = q.data_ptr<float>();
-  a.src_pos_batch_stride = p.stride(0);
-  a.src_pos_row_stride = p.stride(1);
-  a.tgt_pos_batch_stride = q.stride(0);
-  a.tgt_pos_row_stride = q.stride(1);
-  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
-  at::Tensor out = at::empty({B, n, m}, source.options().dtype(at::kFloat));
+  const topv::CostArgs a = topv_torch::cost_args(c, s, t, p, q, alpha, beta, gamma, sigma);
+  at::Tensor out = at::empty({c.B, c.n, c.m}, source.options().dtype(at::kFloat));
   TORCH_CHECK(topv::cpu::cost_matrix(a, out.data_ptr<float>(), nullptr, kAten), kWho, ": cost_matrix arguments rejected");
   return out;
 }
@@ -101,25 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cpu(const at::Tensor& sourc
   check_cpu(positions, "positions");
   const topv_torch::PruneCall call = topv_torch::check_prune(source, target, positions, seg_lens, keep, padded, eps,
                                                              tau, n_iters, tol, recover_ratio, kWho);
-  topv::PruneArgs a{};
-  a.source = call.src.data_ptr();
-  a.target = call.tgt.data_ptr();
-  a.dtype = feature_dtype(source);
-  a.total_rows = call.T;
-  a.d = call.src.size(1);
-  a.source_row_stride = call.src.stride(0);
-  a.target_row_stride = call.tgt.stride(0);
-  a.positions = call.pos.data_ptr<float>();
-  a.position_rows = call.pos.size(0);
-  a.seg_lens = seg_lens.data();
-  a.keep = keep.data();
-  a.num_segments = static_cast<int64_t>(seg_lens.size());
-  a.padded = padded;
-  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
-  a.sinkhorn = topv::SinkhornParams{float(eps), int(n_iters), float(tol)};
-  a.tau = float(tau);
-  a.recover_ratio = recover_ratio;
-  a.check_finite = check_finite;
+  const topv::PruneArgs a = topv_torch::prune_args(call, seg_lens, keep, padded, alpha, beta, gamma, sigma, eps, tau,
+                                                   n_iters, tol, recover_ratio, check_finite);
   at::Tensor kept = at::empty({call.total_keep}, source.options().dtype(at::kLong));
   at::Tensor scores = at::empty({call.T}, source.options().dtype(at::kFloat));
   at::Tensor nonfinite = at::zeros({1}, source.options().dtype(at::kInt));

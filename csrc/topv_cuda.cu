@@ -20,21 +20,11 @@ namespace {
 
 constexpr const char* kWho = "topv (cuda)";
 
-topv::DType feature_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kHalf: return topv::DType::kFloat16;
-    case at::kBFloat16: return topv::DType::kBFloat16;
-    default: return topv::DType::kFloat32;  // the shared checks admit nothing else
-  }
-}
-
 void check_cuda(const at::Tensor& x, const char* name, const at::Tensor& like) {
   TORCH_CHECK(x.is_cuda(), kWho, ": ", name, " must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.device() == like.device(), kWho, ": ", name, " is on ", x.device(), " but source is on ",
               like.device());
 }
-
-at::Tensor unit_last(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 // TOPV_MAX_CLUSTER caps the cluster size of the on-chip Sinkhorn (0: the pass kernels); the tests
 // use it to cover both paths on the same inputs.
@@ -54,29 +44,12 @@ at::Tensor cost_matrix_cuda(const at::Tensor& source, const at::Tensor& target, 
   check_cuda(target, "target", source);
   check_cuda(src_pos, "src_pos", source);
   check_cuda(tgt_pos, "tgt_pos", source);
-  const auto [B, n, m, d] = topv_torch::check_cost_matrix(source, target, src_pos, tgt_pos, kWho);
+  const topv_torch::CostShape c = topv_torch::check_cost_matrix(source, target, src_pos, tgt_pos, kWho);
   const c10::cuda::CUDAGuard guard(source.device());
+  using topv_torch::unit_last;
   const at::Tensor s = unit_last(source), t = unit_last(target), p = unit_last(src_pos), q = unit_last(tgt_pos);
-  topv::CostArgs a{};
-  a.source = s.data_ptr();
-  a.target = t.data_ptr();
-  a.dtype = feature_dtype(source);
-  a.batch = B;
-  a.n = n;
-  a.m = m;
-  a.d = d;
-  a.source_batch_stride = s.stride(0);
-  a.source_row_stride = s.stride(1);
-  a.target_batch_stride = t.stride(0);
-  a.target_row_stride = t.stride(1);
-  a.src_pos = p.data_ptr<float>();
-  a.tgt_pos = q.data_ptr<float>();
-  a.src_pos_batch_stride = p.stride(0);
-  a.src_pos_row_stride = p.stride(1);
-  a.tgt_pos_batch_stride = q.stride(0);
-  a.tgt_pos_row_stride = q.stride(1);
-  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
-  at::Tensor out = at::empty({B, n, m}, source.options().dtype(at::kFloat));
+  const topv::CostArgs a = topv_torch::cost_args(c, s, t, p, q, alpha, beta, gamma, sigma);
+  at::Tensor out = at::empty({c.B, c.n, c.m}, source.options().dtype(at::kFloat));
   const size_t ws_bytes = topv::cost_matrix_workspace_size(a);
   at::Tensor ws = workspace(ws_bytes, source);
   C10_CUDA_CHECK(topv::cost_matrix(a, out.data_ptr<float>(), ws.data_ptr(), ws_bytes,
@@ -114,25 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_cuda(const at::Tensor& sour
   const topv_torch::PruneCall call = topv_torch::check_prune(source, target, positions, seg_lens, keep, padded, eps,
                                                              tau, n_iters, tol, recover_ratio, kWho);
   const c10::cuda::CUDAGuard guard(source.device());
-  topv::PruneArgs a{};
-  a.source = call.src.data_ptr();
-  a.target = call.tgt.data_ptr();
-  a.dtype = feature_dtype(source);
-  a.total_rows = call.T;
-  a.d = call.src.size(1);
-  a.source_row_stride = call.src.stride(0);
-  a.target_row_stride = call.tgt.stride(0);
-  a.positions = call.pos.data_ptr<float>();
-  a.position_rows = call.pos.size(0);
-  a.seg_lens = seg_lens.data();
-  a.keep = keep.data();
-  a.num_segments = static_cast<int64_t>(seg_lens.size());
-  a.padded = padded;
-  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
+  topv::PruneArgs a = topv_torch::prune_args(call, seg_lens, keep, padded, alpha, beta, gamma, sigma, eps, tau, n_iters,
+                                             tol, recover_ratio, check_finite);
   a.sinkhorn = sinkhorn_params(eps, n_iters, tol);
-  a.tau = float(tau);
-  a.recover_ratio = recover_ratio;
-  a.check_finite = check_finite;
   at::Tensor kept = at::empty({call.total_keep}, source.options().dtype(at::kLong));
   at::Tensor scores = at::empty({call.T}, source.options().dtype(at::kFloat));
   // Only written when check_finite (then zeroed on the device first); the caller reads it only then.

@@ -1,6 +1,6 @@
-// Argument checks and layout handling of the native ops' torch launchers, shared by the CPU
-// (topv_cpu.cpp) and CUDA (topv_cuda.cu) kernels: each launcher checks its device, then calls
-// these and hands raw pointers to its kernels. Every message names the backend (`who`) and says
+// Argument checks, layout handling and the framework-free argument structures (topv/args.h) of the
+// native ops' torch launchers, shared by the CPU (topv_cpu.cpp) and CUDA (topv_cuda.cu) kernels:
+// each launcher checks its device, then calls these and hands the structures to its API. Every message names the backend (`who`) and says
 // what came. The Python ops check the same things earlier with friendlier messages; these guard
 // C++ callers of torch.ops.topv.*_native.
 #pragma once
@@ -11,7 +11,19 @@
 #include <optional>
 #include <tuple>
 
+#include "topv/args.h"
+
 namespace topv_torch {
+
+inline topv::DType feature_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return topv::DType::kFloat16;
+    case at::kBFloat16: return topv::DType::kBFloat16;
+    default: return topv::DType::kFloat32;  // check_features admits nothing else
+  }
+}
+
+inline at::Tensor unit_last(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 inline void check_features(const at::Tensor& x, const char* who, const char* name) {
   const auto dt = x.scalar_type();
@@ -138,6 +150,60 @@ inline PruneCall check_prune(const at::Tensor& source, const at::Tensor& target,
   c.tgt = packed_rows(target);
   c.pos = pos.contiguous();
   return c;
+}
+
+// The CostArgs of (B, n, d) / (B, m, d) features and (B, ., 2) positions; s, t, p, q must stay alive
+// (unit_last views or copies of the inputs) while the structure is used.
+inline topv::CostArgs cost_args(const CostShape& c, const at::Tensor& s, const at::Tensor& t, const at::Tensor& p,
+                                const at::Tensor& q, double alpha, double beta, double gamma, double sigma) {
+  topv::CostArgs a{};
+  a.source = s.data_ptr();
+  a.target = t.data_ptr();
+  a.dtype = feature_dtype(s);
+  a.batch = c.B;
+  a.n = c.n;
+  a.m = c.m;
+  a.d = c.d;
+  a.source_batch_stride = s.stride(0);
+  a.source_row_stride = s.stride(1);
+  a.target_batch_stride = t.stride(0);
+  a.target_row_stride = t.stride(1);
+  a.src_pos = p.data_ptr<float>();
+  a.tgt_pos = q.data_ptr<float>();
+  a.src_pos_batch_stride = p.stride(0);
+  a.src_pos_row_stride = p.stride(1);
+  a.tgt_pos_batch_stride = q.stride(0);
+  a.tgt_pos_row_stride = q.stride(1);
+  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
+  return a;
+}
+
+// The PruneArgs of a checked call (the caller sets sinkhorn.max_cluster where it applies).
+inline topv::PruneArgs prune_args(const PruneCall& c, at::IntArrayRef seg_lens, at::IntArrayRef keep, bool padded,
+                                  double alpha, double beta, double gamma, double sigma, double eps, double tau,
+                                  int64_t n_iters, double tol, double recover_ratio, bool check_finite) {
+  topv::PruneArgs a{};
+  a.source = c.src.data_ptr();
+  a.target = c.tgt.data_ptr();
+  a.dtype = feature_dtype(c.src);
+  a.total_rows = c.T;
+  a.d = c.src.size(1);
+  a.source_row_stride = c.src.stride(0);
+  a.target_row_stride = c.tgt.stride(0);
+  a.positions = c.pos.data_ptr<float>();
+  a.position_rows = c.pos.size(0);
+  a.seg_lens = seg_lens.data();
+  a.keep = keep.data();
+  a.num_segments = static_cast<int64_t>(seg_lens.size());
+  a.padded = padded;
+  a.cost = topv::CostParams{float(alpha), float(beta), float(gamma), float(sigma)};
+  a.sinkhorn.eps = float(eps);
+  a.sinkhorn.n_iters = int(n_iters);
+  a.sinkhorn.tol = float(tol);
+  a.tau = float(tau);
+  a.recover_ratio = recover_ratio;
+  a.check_finite = check_finite;
+  return a;
 }
 
 }  // namespace topv_torch
