@@ -109,12 +109,16 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["topv", "topv.integrations", "topv.triton_kernels"],
+    packages=["topv", "topv.integrations", "topv.integrations.families", "topv.integrations.scorers", "topv.testing",
+              "topv.triton_kernels"],
     # Our Triton kernels live in triton_kernels/ but install as topv.triton_kernels: a top-level
     # `triton_kernels` module belongs to other PyPI packages.
-    package_dir={"topv": "topv", "topv.integrations": "topv/integrations", "topv.triton_kernels": "triton_kernels"},
+    package_dir={"topv": "topv", "topv.integrations": "topv/integrations",
+                 "topv.integrations.families": "topv/integrations/families",
+                 "topv.integrations.scorers": "topv/integrations/scorers", "topv.testing": "topv/testing",
+                 "topv.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.6"],
-    extras_require={"triton": ["triton>=3.2"], "hf": ["transformers>=5.0"], "test": ["pytest", "pot", "numpy"]},
+    extras_require={"triton": ["triton>=3.2"], "hf": ["transformers>=5.17"], "test": ["pytest", "pot", "numpy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

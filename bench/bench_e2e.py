@@ -1,43 +1,51 @@
-"""End-to-end benchmark: TopV inside real-size VLM prefills vs the unpruned model and FastV.
+"""End-to-end benchmark: every pruning method inside real-size VLM prefills and decodes, one run.
 
-    python bench/bench_e2e.py --out bench/results/e2e          # full: 7B-shaped models on one GPU
-    python bench/bench_e2e.py --quick --device cpu --out /tmp/e2e   # smoke run with tiny models
+    python bench/bench_e2e.py                                        # 7B shapes on one GPU, prints only
+    python bench/bench_e2e.py --setups llava15-7b --out bench/results # ... and appends to bench/results/<device>/e2e.csv
+    python bench/bench_e2e.py --quick --device cpu                   # tiny models: a smoke run (well under a minute)
 
-A full run is 30 cases; at Hugging Face's eager decode speed on an H100 (about 70 ms per decode
-step for a 7B model, measured) the 256-token decodes dominate and the whole run takes about 12
-minutes: split it with ``--setups llava7b`` / ``--setups qwen2vl7b`` (or ``--methods``) to stay
-under a 10-minute command limit.
+Models have **random bf16 weights** built from configs in code (no downloads): speed and memory
+depend on the shapes, not the weights. Setups: LLaVA-1.5-7B (one 336 px image, 576 visual tokens,
+~640-token prompt; B = 1, 8, 16), LLaVA-NeXT-7B (one 672 px image: 2880 scored visual tokens plus
+48 newlines), Qwen2-VL-7B with a 1344 px image (2304 visual tokens) and with a video of 16 x 24 x
+24 = 9216 visual tokens. Methods, on the same model, inputs and budget: ``unpruned``,
+``topv/after_k``, ``topv/all``, ``fastv``, ``random``, ``uniform``, ``dart`` (``--methods``).
 
-Models have **random weights** built directly on the device in bf16 (``from_config`` under a
-``torch.device`` context): speed and memory do not depend on the weights, only on the shapes.
+How each figure is measured (``check_finite=False`` throughout):
 
-* ``llava7b``: LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), one 336x336 image (576 visual
-  tokens) and ~60 text tokens, batch 1 and batch 16.
-* ``qwen2vl7b``: Qwen2-VL-7B shape, one 1344x1344 image (48 x 48 = 2304 visual tokens), batch 1.
-
-Methods, each on the same model and inputs: ``unpruned`` (SDPA), ``topv-<keep>-<kv>`` (keep
-50/25/12.5 %, kv after_k and all; K = 2), ``fastv-<keep>`` (FastV as published: K = 2, ranks by
-layer 1's last-token attention, so layer 1 runs eager; kv after_k, which is FastV's behaviour).
-
-Columns: TTFT (whole prefill incl. the vision tower, eager, median), decode tokens/s over
-``--new-tokens`` forced new tokens (``generate(n)`` minus ``generate(1)``), peak memory during
-``generate`` above what was allocated before it (weights and inputs), KV-cache bytes after the
-prefill, the scoring step's share of TTFT (gather + scorer, device-synchronised run), and the
-language model's prefill alone, eager and replayed from a CUDA graph (fixed image size and
-budget; the image layout is fixed in advance and ``check_finite=False``, as capture needs). All runs use ``check_finite=False``.
+* TTFT: one whole prefill (vision tower included, ``logits_to_keep=1``), device-synchronised;
+  median over ``--rounds``.
+* decode ms/token: after a prefill, ``--decode-steps`` single-token steps by hand (no ``generate``:
+  its per-step bookkeeping is the same for every method and only adds spread), each step
+  device-synchronised and timed alone; median and 10th/90th percentiles over all steps of all
+  rounds. hooks us: the host time the integration's hooks add to one decode step (median over
+  rounds of ``session.decode_host_seconds / decode_steps``). Rounds interleave the methods (round r runs every method once), after one warm-up run
+  of each, so that every method sees the same warm state and the same drift of the machine.
+  Decode steps are not replayed from CUDA graphs (a pruned cache is a dynamic cache).
+* step host ms: the host time of everything pruning adds to a prefill (layout, capture, the
+  scorer's call, gather, masks, positions; ``PrefillInfo.host_seconds``), median of ``--rounds``
+  prefills. step device ms: the device time of the kernels launched inside the step, from the
+  profiler (CUDA only). syncs: host synchronisations caused by the integration inside the
+  language model's forward (``topv.testing.syncs``, any device); on CUDA also every
+  synchronising CUDA call in that window (profiler), the model's own included.
+* SDPA: the attention kernels the profiler saw in one prefill and one decode step (cudnn /
+  flash / efficient / math; eager where weights are materialised), per row.
+* peak MiB: device memory above what was allocated before a prefill + decode (CUDA only);
+  KV MiB: the cache after the prefill. lm graph ms: the language model's prefill alone replayed
+  from a CUDA graph (the layout pinned, CUDA only).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import contextlib
 import os
-import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -46,51 +54,66 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/common.py: environment and versions of a run)
 
 import topv  # noqa: E402
-from topv.integrations import tiny_models as tm  # noqa: E402
-from topv.integrations.fastv import apply_fastv  # noqa: E402
-from topv.integrations.transformers import session_of  # noqa: E402
+from topv.testing import tiny_models as tm  # noqa: E402
+from topv.testing.syncs import SyncCounter  # noqa: E402
 
-KEEPS = (0.5, 0.25, 0.125)
+METHODS = ("unpruned", "topv/after_k", "topv/all", "fastv", "random", "uniform", "dart")
 
 
 @dataclass
 class Row:
     setup: str
-    method: str
     batch: int
     visual_tokens: int
     prompt_tokens: int
+    method: str
+    keep_ratio: float | None
+    attn: str
     ttft_ms: float | None = None
-    decode_tok_s: float | None = None
-    peak_mib_generate: float | None = None
+    decode_ms: float | None = None
+    decode_p10_ms: float | None = None
+    decode_p90_ms: float | None = None
+    decode_hooks_us: float | None = None
+    peak_mib: float | None = None
     kv_mib: float | None = None
-    prune_share: float | None = None
-    lm_prefill_eager_ms: float | None = None
-    lm_prefill_graph_ms: float | None = None
+    step_host_ms: float | None = None
+    step_device_ms: float | None = None
+    syncs: int | None = None
+    cuda_syncs: int | None = None
+    sdpa_prefill: str = ""
+    sdpa_decode: str = ""
+    lm_graph_ms: float | None = None
     tokens_after_k: int | None = None
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
-# Models and inputs
+# Models and inputs (random weights from configs in code)
 # ---------------------------------------------------------------------------------------------
 
 
-def llava7b_config():
+def llava15_7b(attn):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vc = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                           num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
     tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    return _attn(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu"), attn)
 
 
-def qwen2vl7b_config():
+def llava_next_7b(attn):
+    from transformers import LlavaNextConfig
+
+    base = llava15_7b(attn)
+    pin = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    return _attn(LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, image_token_id=32000,
+                                 image_grid_pinpoints=pin, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", projector_hidden_act="gelu"), attn)
+
+
+def qwen2vl_7b(attn):
     from transformers import Qwen2VLConfig
 
     text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -99,44 +122,46 @@ def qwen2vl7b_config():
                 pad_token_id=0)
     vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, mlp_ratio=4)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                        vision_start_token_id=151652, vision_end_token_id=151653)
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = "sdpa"
+    return _attn(Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                               video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653), attn)
+
+
+def _attn(cfg, attn):
+    for c in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)):
+        if c is not None:
+            c._attn_implementation = attn
     return cfg
 
 
-def setups(quick: bool):
-    """(name, config factory, input factory(config, batch, dtype, device), batches)."""
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    config: object  # attn -> config
+    prompt: list  # one row's pieces (tiny_models' prompt format)
+    inputs: object  # tiny_models.*_inputs
+    batches: tuple
+
+
+def setups(quick: bool) -> list[Setup]:
     if quick:
         return [
-            ("llava-tiny", lambda: tm.llava_config(text_layers=4),
-             lambda c, b, dt, dev: tm.llava_inputs(c, [[20, "img", 40]] * b, dtype=dt, device=dev), (1, 2)),
-            ("qwen2vl-tiny", lambda: tm.qwen2_vl_config(text_layers=4),
-             lambda c, b, dt, dev: tm.qwen2_vl_inputs(c, [[20, ("img", (6, 6)), 40]] * b, dtype=dt, device=dev),
-             (1,)),
+            Setup("llava-tiny", lambda a: tm.llava_config(text_layers=4, image_size=84, patch=14, attn=a),
+                  [20, "img", 40], tm.llava_inputs, (1, 2)),
+            Setup("llava-next-tiny", lambda a: tm.llava_next_config(attn=a), [3, ("img", (28, 56)), 4],
+                  tm.llava_next_inputs, (1,)),
+            Setup("qwen2vl-tiny-video", lambda a: tm.qwen2_vl_config(text_layers=4, attn=a),
+                  [5, ("vid", (2, 4, 4)), 9], tm.qwen2_vl_inputs, (1,)),
         ]
     return [
-        ("llava7b", llava7b_config,
-         lambda c, b, dt, dev: tm.llava_inputs(c, [[20, "img", 40]] * b, dtype=dt, device=dev, seed=0), (1, 16)),
-        ("qwen2vl7b", qwen2vl7b_config,
-         lambda c, b, dt, dev: tm.qwen2_vl_inputs(c, [[20, ("img", (48, 48)), 40]] * b, dtype=dt, device=dev),
-         (1,)),
+        Setup("llava15-7b", llava15_7b, [20, "img", 40], tm.llava_inputs, (1, 8, 16)),
+        Setup("llava-next-7b", llava_next_7b, [20, ("img", (672, 672)), 40], tm.llava_next_inputs, (1,)),
+        Setup("qwen2vl-7b-image", qwen2vl_7b, [20, ("img", (48, 48)), 40], tm.qwen2_vl_inputs, (1,)),
+        Setup("qwen2vl-7b-video", qwen2vl_7b, [20, ("vid", (16, 24, 24)), 40], tm.qwen2_vl_inputs, (1,)),
     ]
 
 
-def methods():
-    out = [("unpruned", None)]
-    for r in KEEPS:
-        for kv in ("after_k", "all"):
-            out.append((f"topv-{r:g}-{kv}", ("topv", r, kv)))
-    for r in KEEPS:
-        out.append((f"fastv-{r:g}", ("fastv", r, "after_k")))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Measurements
 # ---------------------------------------------------------------------------------------------
 
 
@@ -145,220 +170,324 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, reps):
-    times = []
-    out = None
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
 
 
-def cache_bytes(cache):
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
-
-
-def _cache_of(out):
-    c = getattr(out, "past_key_values", None)
-    return c if c is not None else getattr(out, "cache", None)
-
-
-def install(model, spec):
-    if spec is None:
+def install(model, method, keep_ratio):
+    if method == "unpruned":
         return None
-    kind, r, kv = spec
-    if kind == "topv":
-        return topv.apply(model, keep_ratio=r, kv=kv, check_finite=False)
-    return apply_fastv(model, keep_ratio=r, kv=kv)
+    name, _, kv = method.partition("/")
+    return topv.apply(model, keep_ratio=keep_ratio, method=name, kv=kv or "after_k", check_finite=False)
 
 
-def lm_inputs(model, inputs):
-    """The kwargs the VLM hands its language model in a prefill (captured from one run)."""
-    got = {}
-
-    def pre(module, args, kwargs):
-        got.update({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
-
-    h = model.model.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+@contextlib.contextmanager
+def applied(model, method, keep_ratio):
+    session = install(model, method, keep_ratio)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        yield session
+    finally:
+        if session is not None:
+            topv.remove(model)
+
+
+def prefill(model, inputs):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def decode(model, out, steps, device):
+    """``steps`` greedy single-token steps after a prefill; per-step seconds. The prompts of a
+    benchmark batch are identical (no padding), so no mask is passed: positions follow the cache
+    (TopV supplies the unpruned ones where a pruned cache is shorter)."""
+    cache, key = tm.cache_of(out), tm.cache_kwarg(model)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(steps):
+        out, dt = _timed(lambda t=token: model(input_ids=t, use_cache=True, logits_to_keep=1, **{key: cache}), device)
+        times.append(dt)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return times
+
+
+def cache_mib(out) -> float:
+    c = tm.cache_of(out)
+    return sum(x.keys.numel() * x.keys.element_size() + x.values.numel() * x.values.element_size()
+               for x in c.layers) / 2**20
+
+
+_SDPA = {"_scaled_dot_product_flash_attention_for_cpu": "flash", "_scaled_dot_product_flash_attention": "flash",
+         "_scaled_dot_product_efficient_attention": "efficient", "_scaled_dot_product_cudnn_attention": "cudnn",
+         "_scaled_dot_product_attention_math": "math", "_flash_attention_forward": "flash-attn"}
+_CUDA_SYNCS = re.compile(r"^cuda(StreamSynchronize|DeviceSynchronize|EventSynchronize|Memcpy|MemcpyAsync)$")
+
+
+def _kernels(events) -> str:
+    """Attention calls by kernel, e.g. "flashx32" or "efficientx31+eagerx1" (eager attention is
+    the one softmax these models run)."""
+    seen: dict[str, int] = {}
+    for e in events:
+        name = e.name.split("::")[-1]
+        kind = _SDPA.get(name, "eager" if e.name == "aten::softmax" else None)
+        if kind is not None:
+            seen[kind] = seen.get(kind, 0) + 1
+    return "+".join(f"{k}x{v}" for k, v in sorted(seen.items())) or "none"
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    """Drop kineto's profiler_start/stop lines (written to fd 2 by C++), keep anything else."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if not re.search(r"profiler_(start|stop)$", line):
+                    print(line, file=sys.stderr)
+
+
+def profile_row(model, inputs, session, device, row):
+    """One prefill and one decode step under the profiler: attention kernels, the step's device
+    time and (CUDA) synchronising calls inside the language model's forward."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    lm = model.model.language_model
+    ranges = []
+    handles = [lm.register_forward_pre_hook(lambda *_: ranges.append(record_function("lm").__enter__())),
+               lm.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None))]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if session is not None:
+        session.profile = True
+    try:
+        with _quiet_profiler(), profile(activities=acts) as prof:
+            out = prefill(model, inputs)
+            _sync(device)
+        pre_events = prof.events()
+        with _quiet_profiler(), profile(activities=acts) as prof2:
+            decode(model, out, 1, device)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        if session is not None:
+            session.profile = False
+    row.sdpa_prefill, row.sdpa_decode = _kernels(pre_events), _kernels(prof2.events())
+    if device.type == "cuda":
+        steps = [e for e in pre_events if e.name == "topv::step"]
+        row.step_device_ms = sum(e.device_time_total for e in steps) / 1e3 if steps else None
+        lm_ranges = [e.time_range for e in pre_events if e.name == "lm"]
+        row.cuda_syncs = sum(1 for e in pre_events if _CUDA_SYNCS.match(e.name)
+                             and any(r.start <= e.time_range.start <= r.end for r in lm_ranges))
+
+
+def count_syncs(model, inputs) -> int:
+    """Host synchronisations the integration's own code causes inside the language model's forward."""
+    lm = model.model.language_model
+    counter = SyncCounter(attribute="topv/integrations", active=False)
+    handles = [lm.register_forward_pre_hook(lambda *_: setattr(counter, "active", True)),
+               lm.register_forward_hook(lambda *_: setattr(counter, "active", False))]
+    try:
+        with counter:
+            prefill(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(counter.attributed())
+
+
+def lm_graph_ms(model, inputs, session, device):
+    """The language model's prefill alone, replayed from a CUDA graph (layout pinned)."""
+    lm = model.model.language_model
+    got = {}
+    h = lm.register_forward_pre_hook(lambda m, a, k: got.update(k), with_kwargs=True)
+    try:
+        prefill(model, inputs)
     finally:
         h.remove()
-    return got
-
-
-def lm_prefill_timings(model, inputs, session, device, reps):
-    """Language model prefill only: eager and replayed from a CUDA graph (device only)."""
-    lm = model.model.language_model
-    kw = lm_inputs(model, inputs)
-    if kw["attention_mask"] is not None and bool(kw["attention_mask"].all()):
-        kw["attention_mask"] = None  # no padding: the mask is all ones (and None keeps capture sync-free)
+    kw = {k: got.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")}
     if session is not None:
-        session.fixed_segments = session.family.segments(inputs["input_ids"], inputs, kw["inputs_embeds"])
-
-    def run():
-        return lm(**kw, use_cache=True)
-
-    eager, _ = timed(run, device, reps)
-    graph_ms, note = None, ""
-    if device.type == "cuda":
-        try:
-            g = common.capture_graph(run)
-            g.replay()
-            t, _ = timed(g.replay, device, max(reps, 5))
-            graph_ms = t * 1e3
-            del g
-        except Exception as e:  # noqa: BLE001 - reported in the row, the benchmark goes on
-            note = f"graph: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    if session is not None:
-        session.fixed_segments = None
-    return eager * 1e3, graph_ms, note
-
-
-def run_case(name, model, inputs, method, spec, device, args):
-    B, T = inputs["input_ids"].shape
-    cfg = model.config
-    ids = inputs["input_ids"]
-    vis = int(((ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))).sum()) // B
-    row = Row(name, method, B, vis, T)
-    session = install(model, spec)
+        session.pin_layout(inputs, embeds=kw["inputs_embeds"])
     try:
-        with torch.inference_mode():
-            prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
-            for _ in range(args.warmup):
-                prefill()
-            ttft, out = timed(prefill, device, args.reps)
-            row.ttft_ms = ttft * 1e3
-            row.kv_mib = cache_bytes(_cache_of(out)) / 2**20
-            del out
-            if session is not None:
-                row.tokens_after_k = session.last.pruned_length
-                session.sync_timing = True
-                t, _ = timed(prefill, device, args.reps)
-                row.prune_share = session.last.prune_seconds / t
-                session.sync_timing = False
-            n = args.new_tokens
-
-            def gen(k):
-                return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-
-            # Decode rate: generate(n) minus generate(1) (which is the prefill inside generate),
-            # so generate's own set-up cost cancels.
-            one, _ = timed(lambda: gen(1), device, args.reps)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)  # weights, inputs, anything left alive
-            total, _ = timed(lambda: gen(n), device, 1)
-            if device.type == "cuda":
-                row.peak_mib_generate = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            row.decode_tok_s = B * (n - 1) / (total - one) if total > one else None
-            row.lm_prefill_eager_ms, row.lm_prefill_graph_ms, row.note = lm_prefill_timings(
-                model, inputs, session, device, args.reps)
-    except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
-        row.note = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        graph = common.capture_graph(lambda: lm(**kw, use_cache=True))
+        graph.replay()
+        times = [_timed(graph.replay, device)[1] for _ in range(10)]
+        return statistics.median(times) * 1e3
     finally:
-        if session_of(model) is not None:
-            topv.remove(model)
-    return row
+        if session is not None:
+            session.pin_layout(None)
+
+
+def measure(setup: Setup, model, inputs, methods, args, device) -> list[Row]:
+    """Every method on this model and batch: warm-up, interleaved rounds, then per-method extras."""
+    cfg = model.config
+    B, T = inputs["input_ids"].shape
+    ids = inputs["input_ids"][0]
+    vis = int(((ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))).sum())
+    attn = model.model.language_model.config._attn_implementation
+    rows = {m: Row(setup.name, B, vis, T, m, None if m == "unpruned" else args.keep, attn) for m in methods}
+    ttft = {m: [] for m in methods}
+    steps = {m: [] for m in methods}
+    host = {m: [] for m in methods}
+    hooks_us = {m: [] for m in methods}
+    with torch.inference_mode():
+        for m in methods:  # warm-up: every method once, kernels and layout tables built
+            try:
+                with applied(model, m, args.keep):
+                    decode(model, prefill(model, inputs), 2, device)
+            except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
+                rows[m].note = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        live = [m for m in methods if not rows[m].note]
+        for r in range(args.rounds):
+            for m in live:
+                with applied(model, m, args.keep) as s:
+                    out, dt = _timed(lambda: prefill(model, inputs), device)
+                    ttft[m].append(dt)
+                    if s is not None:
+                        host[m].append(s.last.host_seconds)
+                        rows[m].tokens_after_k = s.last.pruned_length
+                    rows[m].kv_mib = cache_mib(out)
+                    if s is not None:
+                        s.decode_host_seconds, s.decode_steps = 0.0, 0
+                    steps[m] += decode(model, out, args.decode_steps, device)
+                    if s is not None:
+                        hooks_us[m].append(s.decode_host_seconds / s.decode_steps * 1e6)
+                    del out
+            print(f"#   {setup.name} B={B}: round {r + 1}/{args.rounds} done", flush=True)
+        for m in live:
+            row = rows[m]
+            row.ttft_ms = statistics.median(ttft[m]) * 1e3
+            q = statistics.quantiles(steps[m], n=10) if len(steps[m]) > 1 else [steps[m][0]] * 9
+            row.decode_ms, row.decode_p10_ms, row.decode_p90_ms = (statistics.median(steps[m]) * 1e3, q[0] * 1e3,
+                                                                   q[-1] * 1e3)
+            row.step_host_ms = statistics.median(host[m]) * 1e3 if host[m] else None
+            row.decode_hooks_us = statistics.median(hooks_us[m]) if hooks_us[m] else None
+            with applied(model, m, args.keep) as s:
+                try:
+                    row.syncs = count_syncs(model, inputs) if s is not None else None
+                    profile_row(model, inputs, s, device, row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        before = torch.cuda.memory_allocated(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                        decode(model, prefill(model, inputs), args.decode_steps, device)
+                        row.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                        row.lm_graph_ms = lm_graph_ms(model, inputs, s, device)
+                except Exception as e:  # noqa: BLE001 - reported in the row
+                    row.note = f"extras: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return [rows[m] for m in methods]
 
 
 # ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = (("method", "method", 14, None), ("ttft_ms", "TTFT ms", 9, 2), ("decode_ms", "dec ms", 8, 3),
+           ("decode_p10_ms", "p10", 8, 3), ("decode_p90_ms", "p90", 8, 3), ("decode_hooks_us", "hooks us", 8, 1),
+           ("peak_mib", "peak MiB", 9, 0),
+           ("kv_mib", "KV MiB", 8, 1), ("step_host_ms", "step host", 9, 3), ("step_device_ms", "step dev", 8, 3),
+           ("syncs", "syncs", 5, None), ("cuda_syncs", "cuda sync", 9, None), ("tokens_after_k", "tok>K", 6, None),
+           ("sdpa_prefill", "SDPA prefill", 16, None), ("sdpa_decode", "SDPA decode", 16, None),
+           ("lm_graph_ms", "lm graph", 8, 2))
 
 
-def environment(device):
-    env = common.environment()
-    if device.type != "cuda":
-        env["gpu"] = platform.processor() or "cpu"
-    env["about"] = "random weights: speed and memory do not depend on the weights, only on the shapes"
-    return env
+def header() -> str:
+    return " | ".join(f"{title:>{w}}" for _, title, w, _ in COLUMNS)
+
+
+def fmt(row: Row) -> str:
+    cells = []
+    for key, _, w, p in COLUMNS:
+        v = getattr(row, key)
+        cells.append(f"{'-' if v is None or v == '' else (f'{v:.{p}f}' if p is not None else str(v)):>{w}}")
+    return " | ".join(cells) + (f"  [{row.note}]" if row.note else "")
+
+
+def check_out(out_root: str | None, env: dict) -> None:
+    """Fail before any work when the results folder cannot be written."""
+    if out_root is None:
+        return
+    folder = os.path.join(out_root, common.device_slug(env))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out: cannot create the folder {folder}: {e}") from None
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"--out: cannot write to {folder}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny models, few tokens: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="bench/results/e2e", help="path prefix: writes <out>.json and <out>.csv")
-    ap.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (default 256, quick 8)")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--setups", default=None, help="comma-separated setup names to run (default: all)")
-    ap.add_argument("--methods", default=None, help="comma-separated method names to run (default: all)")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2, ...")
+    ap.add_argument("--keep", type=float, default=0.25, help="keep ratio of every pruning method")
+    ap.add_argument("--setups", default=None, help="comma-separated setup names (default: all)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: each setup's)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="decode steps per round (default 32, quick 4)")
+    common.add_out_argument(ap)
     args = ap.parse_args(argv)
-    args.new_tokens = args.new_tokens or (8 if args.quick else 256)
-    args.reps = args.reps or (1 if args.quick else 3)
-    args.warmup = args.warmup if args.warmup is not None else 1
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.decode_steps = args.decode_steps or (4 if args.quick else 32)
+    methods = args.methods.split(",")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+    if not 0.0 < args.keep <= 1.0:
+        ap.error(f"--keep must lie in (0, 1], got {args.keep}")
+    all_setups = setups(args.quick)
+    wanted = None if args.setups is None else args.setups.split(",")
+    if wanted is not None and set(wanted) - {s.name for s in all_setups}:
+        ap.error(f"unknown setups {sorted(set(wanted) - {s.name for s in all_setups})}; choose from "
+                 f"{[s.name for s in all_setups]}")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
+    if args.quick and device.type == "cpu":
+        # Tiny models' ops are too small to split across threads, and a second thread that has to
+        # wait for a busy core stalls every op by a scheduler tick.
+        torch.set_num_threads(1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    env = environment(device)
-    print(f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | {env['commit']}")
-    print(f"# {env['about']}; dtype {dtype}; {args.new_tokens} forced new tokens; check_finite=False")
+    env = common.environment()
+    if device.type != "cuda" and torch.cuda.is_available():
+        env["device"] = common._cpu_name()  # a CPU run on a GPU machine: the rows are the CPU's
+    check_out(args.out, env)
+    print(f"# {env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['commit']}")
+    print(f"# random {dtype} weights (speed and memory depend on shapes only); keep {args.keep}; attn {args.attn}; "
+          f"{args.rounds} interleaved rounds x {args.decode_steps} decode steps; check_finite=False")
     rows = []
-    wanted_setups = None if args.setups is None else set(args.setups.split(","))
-    wanted_methods = None if args.methods is None else set(args.methods.split(","))
-    for name, make_cfg, make_inputs, batches in setups(args.quick):
-        if wanted_setups is not None and name not in wanted_setups:
+    for setup in all_setups:
+        if wanted is not None and setup.name not in wanted:
             continue
         t0 = time.perf_counter()
-        model = tm.build(make_cfg(), dtype=dtype, device=device)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        print(f"# {name}: {weights / 2**30:.2f} GiB of weights built in {time.perf_counter() - t0:.1f} s")
-        for B in batches:
-            inputs = make_inputs(model.config, B, dtype, device)
-            for method, spec in methods():
-                if wanted_methods is not None and method not in wanted_methods:
-                    continue
-                row = run_case(f"{name}-b{B}", model, inputs, method, spec, device, args)
-                rows.append(row)
-                print(fmt(row), flush=True)
+        model = tm.build(setup.config(args.attn), dtype=dtype, device=device)
+        gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        print(f"# {setup.name}: {gib:.2f} GiB of weights built in {time.perf_counter() - t0:.1f} s", flush=True)
+        for B in setup.batches if args.batches is None else [int(b) for b in args.batches.split(",")]:
+            inputs = setup.inputs(model.config, [setup.prompt] * B, dtype=dtype, device=device)
+            print(f"# {setup.name} B={B}: {inputs['input_ids'].shape[1]} prompt tokens", flush=True)
+            print(header())
+            got = measure(setup, model, inputs, methods, args, device)
+            for r in got:
+                print(fmt(r), flush=True)
+            rows += got
+            if args.out is not None:
+                path = common.append_rows(args.out, "e2e", env, [asdict(r) for r in got])
+                print(f"# appended {len(got)} rows to {path}", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print()
-    print(table(rows))
-    write(args.out, env, rows)
     return 0 if not any(r.note.startswith("FAILED") for r in rows) else 1
-
-
-HEAD = ("setup", "method", "ttft_ms", "decode_tok_s", "peakMiB+", "kv_MiB", "prune%", "lm_eager", "lm_graph",
-        "tok>K")
-
-
-def fmt(r: Row) -> str:
-    def f(v, p=1):
-        return "-" if v is None else f"{v:.{p}f}"
-
-    cells = (r.setup, r.method, f(r.ttft_ms, 2), f(r.decode_tok_s, 1), f(r.peak_mib_generate, 0),
-             f(r.kv_mib, 1), f(None if r.prune_share is None else 100 * r.prune_share, 1),
-             f(r.lm_prefill_eager_ms, 2), f(r.lm_prefill_graph_ms, 2),
-             "-" if r.tokens_after_k is None else str(r.tokens_after_k))
-    line = " | ".join(f"{c:>{max(len(h), 8)}}" if i > 1 else f"{c:<18}" for i, (c, h) in enumerate(zip(cells, HEAD)))
-    return line + (f"  [{r.note}]" if r.note else "")
-
-
-def table(rows):
-    head = " | ".join(f"{h:>{max(len(h), 8)}}" if i > 1 else f"{h:<18}" for i, h in enumerate(HEAD))
-    return "\n".join([head, "-" * len(head)] + [fmt(r) for r in rows])
-
-
-def write(prefix, env, rows):
-    if prefix.endswith((".json", ".csv")):
-        prefix = os.path.splitext(prefix)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    fields = [k for k in asdict(rows[0]) if k != "extra"] + list(env) if rows else []
-    with open(prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            d = {k: v for k, v in asdict(r).items() if k != "extra"}
-            w.writerow({**d, **env})
-    print(f"wrote {prefix}.json and {prefix}.csv")
 
 
 if __name__ == "__main__":

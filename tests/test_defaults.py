@@ -34,6 +34,13 @@ def test_typed_api_and_reference_take_the_defaults():
             D.EPS, D.N_ITERS, D.TOL, D.TAU_A, D.TAU_B)
 
 
+def test_model_integration_takes_the_defaults():
+    from topv.integrations import transformers as hf
+
+    got = _kw_defaults(hf.apply)
+    assert {k: got[k] for k in PRUNE_KEYS} == D.PRUNE and got["layer"] == D.LAYER
+
+
 def test_op_schemas_take_the_defaults():
     args = {a.name: a.default_value for a in torch.ops.topv.prune.default._schema.arguments}
     assert {k: args[k] for k in PRUNE_KEYS} == pytest.approx(D.PRUNE)

@@ -6,9 +6,9 @@ shorter per-layer cache; the real kernels are exercised only on a machine that h
 
 import pytest
 import torch
+from integration_support import check_against_reference
 
-from topv.integrations import tiny_models as tm
-from topv.integrations.hf_reference import check_against_reference
+from topv.testing import tiny_models as tm
 
 fa = pytest.importorskip("transformers.modeling_flash_attention_utils")
 if not all(hasattr(fa, n) for n in ("_flash_fn", "_flash_varlen_fn", "_loaded_implementation", "_pad_input",
@@ -67,19 +67,20 @@ def _flash(model):
     return model
 
 
+@pytest.mark.parametrize("method", ["topv", "fastv"])
 @pytest.mark.parametrize("kv", ["after_k", "all"])
-def test_llava_flash_matches_reference(emulated_flash, kv):
+def test_llava_flash_matches_reference(emulated_flash, kv, method):
+    """Batched with padding; FastV's one eager layer gets an additive mask built from the 2-D one."""
     cfg = tm.llava_config(text_layers=4)
     model = tm.build(cfg, seed=21)
     inp = tm.llava_inputs(cfg, [[5, "img", 7], [3, "img", 2, "img", 4]], seed=21)
-    per = tm.split_batch(cfg, inp)
     with torch.no_grad():
         sdpa = model(**inp).logits
     _flash(model)
     assert model.model.language_model.config._attn_implementation == "flash_attention_2"
     with torch.no_grad():
         torch.testing.assert_close(model(**inp).logits, sdpa, atol=1e-4, rtol=1e-4)  # the stand-ins are exact
-    check_against_reference(model, inp, per, keep_ratio=0.3, kv=kv, max_new_tokens=4)
+    check_against_reference(model, inp, keep_ratio=0.3, kv=kv, method=method, max_new_tokens=4)
 
 
 def test_qwen2_vl_flash_batch1_gapped_mrope_positions(emulated_flash):
@@ -88,4 +89,4 @@ def test_qwen2_vl_flash_batch1_gapped_mrope_positions(emulated_flash):
     cfg = tm.qwen2_vl_config(text_layers=4)
     model = _flash(tm.build(cfg, seed=22))
     inp = tm.qwen2_vl_inputs(cfg, [[3, ("img", (3, 4)), 5]], seed=22)
-    check_against_reference(model, inp, tm.split_batch(cfg, inp), keep_ratio=0.25, kv="after_k", max_new_tokens=4)
+    check_against_reference(model, inp, keep_ratio=0.25, kv="after_k", max_new_tokens=4)

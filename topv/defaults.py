@@ -20,6 +20,8 @@ N_ITERS = 3  # Sinkhorn iterations
 TOL = 0.0  # > 0: per-segment early exit on the relaxed row optimality condition
 RECOVER_RATIO = 0.25  # share of each budget spent on the uniform recovery subset
 LAYER = 2  # K: the decoder layer whose input (source) and post-attention-norm output (target) are scored
+DART_PIVOTS = 8  # the dart baseline's image pivots per segment (DART's LLaVA-1.5 default: 4 image + 4 text)
+RANDOM_SEED = 0  # the random baseline's seed
 # topv.sinkhorn is a general solver: balanced by default, as POT's ot.sinkhorn.
 TAU_A = math.inf
 TAU_B = math.inf

@@ -1,12 +1,16 @@
 """Random-initialised VLMs built in code (no downloads), shared by the tests, the demo and the
 end-to-end benchmark (which asks for real-size shapes through the same builders).
 
-Each ``*_model`` returns an eval-mode model; each ``*_inputs`` returns the keyword arguments of a
-prefill for prompts given as lists of pieces: an ``int`` n is n text tokens, ``"img"`` one image
-(``("img", (h, w))`` for a Qwen image of h x w merged patches), ``"vid"`` a Qwen video.
+Each ``*_config`` returns a config and :func:`build` an eval-mode model; each ``*_inputs`` returns
+the keyword arguments of a prefill for prompts given as lists of pieces: an ``int`` n is n text
+tokens, ``"img"`` one image (``("img", (h, w))`` for a Qwen image of h x w merged patches,
+``("img", (height, width))`` pixels for LLaVA-NeXT, ``("img", tiles)`` for InternVL), ``("vid",
+(t, h, w))`` a Qwen video.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -296,3 +300,15 @@ def internvl_inputs(config, prompts, *, padding_side="left", seed=0, dtype=torch
 def vocab_start(config):
     """Ids of InternVL's <img> and </img> in the tiny vocabulary (just below the image token)."""
     return config.image_token_id - 3
+
+
+def cache_of(output):
+    """The cache a forward or ``generate`` returned: ``cache`` in transformers 5.24, ``past_key_values``
+    in 5.17 (read without the newer versions' deprecation notice)."""
+    name = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
+    return getattr(output, name, None)
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model``'s forward takes a cache: ``cache`` (5.24) or ``past_key_values`` (5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
