@@ -135,7 +135,40 @@ def launch_table(device=None, commit=None) -> str:
         if out else "(no run)"
 
 
-TABLES = {"prune-gpu": prune_table, "sinkhorn-gpu": sinkhorn_table, "prune-cpu": cpu_table, "launch": launch_table}
+def e2e_table(device=GPU, commit=None) -> str:
+    rows = read_rows(RESULTS, "e2e", device)
+    if commit:
+        rows = [r for r in rows if r["commit"].split("+")[0] == commit]
+    if not rows:
+        return "(no run)"
+    last = max(r["commit"] for r in rows[-1:])  # the latest commit's runs (one per setup and batch)
+    rows = [r for r in rows if r["commit"] == last]
+    r0 = rows[0]
+    out = [f"End to end, random bf16 weights (speed and memory depend on the shapes only), attention {r0['attn']}, "
+           f"keep {r0['keep_ratio'] or '0.25'} ({r0['device']}, commit {last}, {r0['time_utc'][:10]}; torch "
+           f"{r0['torch']}, transformers {r0['transformers']}). TTFT: one prefill, eager; decode: ms per token, "
+           "median (p10-p90) of single steps; step: the host / device ms of everything pruning adds to a prefill; "
+           "LM graph: the language model's prefill replayed from a CUDA graph.", "",
+           "| setup | B | method | TTFT ms | speed-up | decode ms (p10-p90) | KV MiB | peak MiB | step host / device ms "
+           "| LM graph ms |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {}
+    for r in rows:
+        key = (r["setup"], r["batch"])
+        if r["method"] == "unpruned":
+            base[key] = float(r["ttft_ms"])
+    f = lambda v, p=1: "—" if v in ("", None) else f"{float(v):.{p}f}"  # noqa: E731
+    for r in rows:
+        key = (r["setup"], r["batch"])
+        speed = f"{base[key] / float(r['ttft_ms']):.2f}×" if key in base and r["ttft_ms"] else "—"
+        step = "—" if not r["step_host_ms"] else f"{f(r['step_host_ms'], 2)} / {f(r['step_device_ms'], 2)}"
+        out.append(f"| {r['setup']} | {r['batch']} | {r['method']} | {f(r['ttft_ms'])} | {speed} | "
+                   f"{f(r['decode_ms'], 2)} ({f(r['decode_p10_ms'], 1)}-{f(r['decode_p90_ms'], 1)}) | {f(r['kv_mib'], 0)} | "
+                   f"{f(r['peak_mib'], 0)} | {step} | {f(r['lm_graph_ms'])} |")
+    return "\n".join(out)
+
+
+TABLES = {"prune-gpu": prune_table, "sinkhorn-gpu": sinkhorn_table, "prune-cpu": cpu_table, "launch": launch_table,
+          "e2e-gpu": e2e_table}
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(\n<!-- /table -->)", re.S)
 
 
