@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -581,13 +582,16 @@ constexpr int kRows = 8;
 // rate with twice the FLOPs, so it beats fp32 MKL ~2x. On the Intel Xeons that have AMX (Sapphire
 // Rapids on) it measured half the fp32 FMA rate (66-74 against ~143 GFLOP/s per core; B=1 prune
 // on 16 cores 2.39 ms with bf16 input against 1.43 ms with fp32 input, measured 2026-12-06 on the
-// H100 host's Xeon),
-// so there the fp32 path stays. AMX-BF16 is CPUID.(7, 0):EDX[22].
+// H100 host's Xeon), so there the fp32 path stays. AMX-BF16 is CPUID.(7, 0):EDX[22].
+// TOPV_CPU_BF16_GEMM=1 takes the kernel wherever AVX512-BF16 exists (the tests cover it on AMX
+// machines that way), =0 never.
 bool cpu_has_bf16_dot() {
   static const bool ok = [] {
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bf16")) return false;
+    const char* force = std::getenv("TOPV_CPU_BF16_GEMM");
+    if (force && *force) return force[0] == '1';
     unsigned a, b, c, d;
-    const bool amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u);
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && !amx;
+    return !(__get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u));
   }();
   return ok;
 }
@@ -703,21 +707,29 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-Rows gemm_rows(const void* data, DType dt, int64_t rows, int64_t d, int64_t ld, std::vector<float>& keep) {
+TOPV_VEC_CLONES void widen_bf16_row(const uint16_t* x, int64_t d, float* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    const uint32_t bits = uint32_t(x[k]) << 16;
+    std::memcpy(out + k, &bits, sizeof(float));
+  }
+}
+
+Rows gemm_rows(const Runtime& rt, const void* data, DType dt, int64_t rows, int64_t d, int64_t ld,
+               std::vector<float>& keep) {
   if (dt == DType::kFloat32) return {data, ld, false};
   if (dt == DType::kBFloat16 && has_bf16_gemm()) return {data, ld, true};
   keep.resize(static_cast<size_t>(rows * d));
   const auto* x = static_cast<const uint16_t*>(data);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < d; ++k) {
-      const uint16_t v = x[r * ld + k];
+  pfor(rt, 0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       if (dt == DType::kBFloat16) {
-        const uint32_t bits = uint32_t(v) << 16;
-        std::memcpy(&keep[r * d + k], &bits, sizeof(float));
+        widen_bf16_row(x + r * ld, d, keep.data() + r * d);
       } else {
-        keep[r * d + k] = half_to_float(v);
+        for (int64_t k = 0; k < d; ++k) keep[r * d + k] = half_to_float(x[r * ld + k]);
       }
     }
+  });
   return {keep.data(), d, false};
 }
 
@@ -797,8 +809,8 @@ bool cost_matrix(const CostArgs& a, float* out, bool* nonfinite, const Runtime& 
     const size_t es = a.dtype == DType::kFloat32 ? 4 : 2;
     const auto* sb = static_cast<const char*>(a.source) + es * size_t(b * a.source_batch_stride);
     const auto* tb = static_cast<const char*>(a.target) + es * size_t(b * a.target_batch_stride);
-    const Rows s = gemm_rows(sb, a.dtype, a.n, a.d, a.source_row_stride, ks);
-    const Rows t = gemm_rows(tb, a.dtype, a.m, a.d, a.target_row_stride, kt);
+    const Rows s = gemm_rows(rt, sb, a.dtype, a.n, a.d, a.source_row_stride, ks);
+    const Rows t = gemm_rows(rt, tb, a.dtype, a.m, a.d, a.target_row_stride, kt);
     bad |= cost_block(rt, s, a.n, t, a.m, a.d, a.src_pos + b * a.src_pos_batch_stride, a.src_pos_row_stride,
                       a.tgt_pos + b * a.tgt_pos_batch_stride, a.tgt_pos_row_stride, a.cost, out + b * a.n * a.m);
   }
@@ -841,10 +853,10 @@ bool prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfinite, con
       ScratchBuffer scratch;
       float* C = scratch.get<float>(Scratch::kCost, static_cast<size_t>(n * n));
       std::vector<float> f(n), g(n), ks, kt;
-      const Rows s = gemm_rows(static_cast<const char*>(a.source) + es * size_t(r0 * a.source_row_stride), a.dtype, n,
-                               a.d, a.source_row_stride, ks);
-      const Rows t = gemm_rows(static_cast<const char*>(a.target) + es * size_t(r0 * a.target_row_stride), a.dtype, n,
-                               a.d, a.target_row_stride, kt);
+      const Rows s = gemm_rows(rt, static_cast<const char*>(a.source) + es * size_t(r0 * a.source_row_stride), a.dtype,
+                               n, a.d, a.source_row_stride, ks);
+      const Rows t = gemm_rows(rt, static_cast<const char*>(a.target) + es * size_t(r0 * a.target_row_stride), a.dtype,
+                               n, a.d, a.target_row_stride, kt);
       const float* p = a.positions + (shared_pos ? 0 : 2 * r0);
       bad[k] = cost_block(rt, s, n, t, n, a.d, p, 2, p, 2, a.cost, C);
       solve(Problem{C, n, n, nullptr, nullptr, relax, &rt}, a.sinkhorn.eps, a.sinkhorn.n_iters, a.sinkhorn.tol,

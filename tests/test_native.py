@@ -394,3 +394,33 @@ def test_cuda_matches_cpp_on_same_input():
     _, oracle = oracle_prune(src, tgt, pos, [144], None, PARAMS)
     assert_prune_matches(list(kg.cpu()), sg, oracle, [n, n], [144, 144], PARAMS["recover_ratio"], ATOL)
     assert math.isfinite(float(sg.sum()))
+
+
+_BF16_CASE = """
+import torch, topv
+from oracle import assert_prune_matches, features, oracle_prune
+g = torch.Generator().manual_seed(12)
+for B, n, d in ((1, 61, 131), (3, 200, 256)):
+    src, tgt = features((B, n, d), torch.bfloat16, "cpu", g), features((B, n, d), torch.bfloat16, "cpu", g)
+    pos = torch.rand(n, 2, generator=g)
+    kept, scores = topv.prune(src, tgt, pos, n // 3, backend="cpp")
+    _, oracle = oracle_prune(src, tgt, pos, [n // 3], None, topv.defaults.PRUNE)
+    assert_prune_matches(list(kept), scores, oracle, [n] * B, [n // 3] * B, 0.25, 2e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cpu"])
+@pytest.mark.parametrize("force", ["1", "0"])
+def test_cpu_bf16_gemm_both_ways(device, force):
+    """The C++ CPU kernels' own AVX512-BF16 GEMM (forced on where the CPU has the instructions: by
+    default CPUs with AMX skip it) and the fp32 path give the oracle's result on bf16 features."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if force == "1" and "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AVX512-BF16")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TOPV_CPU_BF16_GEMM": force, "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", _BF16_CASE], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
