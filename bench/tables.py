@@ -21,7 +21,6 @@ from common import RESULTS, read_rows  # noqa: E402
 
 README = os.path.join(os.path.dirname(RESULTS), os.pardir, "README.md")
 GPU = "nvidia-h100-80gb-hbm3"
-CPU = "cpu-amd-epyc"
 
 
 def _runs(rows: list[dict]) -> list[str]:
@@ -97,7 +96,13 @@ def sinkhorn_table(device=GPU, commit=None) -> str:
     return "\n".join(out)
 
 
-def cpu_table(device=CPU, commit=None) -> str:
+def cpu_table(commit=None) -> str:
+    """One table per CPU measured (their speeds differ too much to share a table)."""
+    cpus = [d for d in sorted(os.listdir(RESULTS)) if d.startswith("cpu-")]
+    return "\n\n".join(_cpu_table(d, commit) for d in cpus) or "(no run)"
+
+
+def _cpu_table(device, commit=None) -> str:
     rows = _pick(read_rows(RESULTS, "prune", device), commit)
     if not rows:
         return "(no run)"
