@@ -62,7 +62,8 @@ __global__ void fill_pos_kernel(float* p, size_t n, uint32_t seed) {
     p[i] = hash_unit(i, seed);
 }
 
-// One thread per output: fp32 dot, fp32 sums of squares, the library's cost_value.
+// One thread per output: fp32 dot, fp32 sums of squares, the library's cost formula (cost_checked:
+// the zero row of the zero_row case takes the exact path there).
 template <typename T>
 __global__ void ref_kernel(GemmArgs a, GemmTable tab, float* refC, float* refDot, float* refSqS, float* refSqT) {
   const GemmSeg& sg = tab.seg[blockIdx.z];
@@ -79,7 +80,7 @@ __global__ void ref_kernel(GemmArgs a, GemmTable tab, float* refC, float* refDot
   }
   const int64_t o = sg.c_off + int64_t(r) * sg.cols + c;
   refDot[o] = dot;
-  refC[o] = cost_value(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
+  refC[o] = cost_checked(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
   if (c == 0) refSqS[sg.sq_off + r] = ss;
   if (r == 0) refSqT[sg.sq_off + c] = st;
 }
@@ -97,7 +98,7 @@ __global__ void finish_partial_kernel(GemmArgs a, GemmTable tab, const float* pa
     st += a.sq_t[q * a.sq_stride + sg.sq_off + c];
   }
   dotOut[o] = dot;
-  C[o] = cost_value(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
+  C[o] = cost_checked(a, sg, r, c, dot, inv_norm(ss) * inv_norm(st));
 }
 
 // ------------------------------------------------------------------------------------ host

@@ -181,6 +181,13 @@ __device__ __forceinline__ float exact_cos(const GemmArgs& a, const GemmSeg& sg,
   return exact_cos(a.S, a.T, sg.s_off + int64_t(i) * a.lds, sg.t_off + int64_t(j) * a.ldt, a.d, a.dtype);
 }
 
+// C from a dot product and inv_st = inv_norm(ss_i) * inv_norm(ss_j), taking the exact path where
+// either row asks for it (one element; the tile kernels use store_exact_tile instead).
+__device__ __forceinline__ float cost_checked(const GemmArgs& a, const GemmSeg& sg, int i, int j, float dot,
+                                             float inv_st) {
+  return isinf(inv_st) ? cost_value(a, sg, i, j, exact_cos(a, sg, i, j), 1.0f) : cost_value(a, sg, i, j, dot, inv_st);
+}
+
 // Rewrites, by threads tid, tid + nt, ..., the stored entries of the tile at (row0, col0) whose row
 // or column has the inverse norm +inf (inv_rows[bm] / inv_cols[bn] of the tile) from exact_cos.
 // Called after a barrier that orders it behind the tile's own stores. Arguments by value, for the
@@ -632,10 +639,7 @@ __global__ __launch_bounds__(kReduceThreads) void cost_reduce_kernel(GemmArgs a,
   float ss = 0.0f;
   for (int q = 0; q < a.splits; ++q) ss += a.sq_s[q * a.sq_stride + sg.sq_off + r];
   const float inv_r = inv_norm(ss);
-  // A row with no exact-path entry stays on cost_value (the common case); see the top of this file.
-  auto cost_at = [&](int c, float dot, float inv) {
-    return isinf(inv) ? cost_value(a, sg, r, c, exact_cos(a, sg, r, c), 1.0f) : cost_value(a, sg, r, c, dot, inv);
-  };
+  auto cost_at = [&](int c, float dot, float inv) { return cost_checked(a, sg, r, c, dot, inv); };
   float* Cr = a.C + sg.c_off + int64_t(r) * sg.cols;
   const float* Tq = a.sq_t + sg.sq_off;
   const bool vec = sg.cols % 4 == 0 && reinterpret_cast<uintptr_t>(Cr) % 16 == 0 && a.part_stride % 4 == 0 &&
