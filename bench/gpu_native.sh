@@ -48,7 +48,8 @@ if ! skip cmake; then
      || cmake -S . -B build-cmake -DCMAKE_CUDA_ARCHITECTURES=90a -DTOPV_BUILD_TORCH=OFF >>"$OUT/cmake.log" 2>&1; then
     grep "topv:" "$OUT/cmake.log"
     cmake --build build-cmake -j 16 >>"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; }
-    ctest --test-dir build-cmake --output-on-failure 2>&1 | tail -6
+    ctest --test-dir build-cmake --output-on-failure >"$OUT/ctest.log" 2>&1
+    grep -E "tests passed|Failed|FAILED|\*\*\*" "$OUT/ctest.log" | head -20
   else
     tail -15 "$OUT/cmake.log"
   fi
