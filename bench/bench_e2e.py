@@ -2,14 +2,18 @@
 
     python bench/bench_e2e.py                                        # 7B shapes on one GPU, prints only
     python bench/bench_e2e.py --setups llava15-7b --out bench/results # ... and appends to bench/results/<device>/e2e.csv
+    python bench/bench_e2e.py --keep 0.5,0.25,0.125                  # every method at three keep ratios
     python bench/bench_e2e.py --quick --device cpu                   # tiny models: a smoke run (well under a minute)
 
 Models have **random bf16 weights** built from configs in code (no downloads): speed and memory
 depend on the shapes, not the weights. Setups: LLaVA-1.5-7B (one 336 px image, 576 visual tokens,
 ~640-token prompt; B = 1, 8, 16), LLaVA-NeXT-7B (one 672 px image: 2880 scored visual tokens plus
 48 newlines), Qwen2-VL-7B with a 1344 px image (2304 visual tokens) and with a video of 16 x 24 x
-24 = 9216 visual tokens. Methods, on the same model, inputs and budget: ``unpruned``,
-``topv/after_k``, ``topv/all``, ``fastv``, ``random``, ``uniform``, ``dart`` (``--methods``).
+24 = 9216 visual tokens. Methods, on the same model, inputs and budgets (one row per keep ratio of
+``--keep``): ``unpruned``, ``topv/after_k``, ``topv/all`` (the layer stage, both KV modes),
+``topv/vision`` (the vision stage: pruned before the language model), ``fastv``, ``random``,
+``uniform``, ``dart`` (``--methods``; any method but fastv also as ``<method>/vision``, any as
+``<method>/after_k`` or ``<method>/all``).
 
 How each figure is measured (``check_finite=False`` throughout):
 
@@ -25,14 +29,17 @@ How each figure is measured (``check_finite=False`` throughout):
 * step host ms: the host time of everything pruning adds to a prefill (layout, capture, the
   scorer's call, gather, masks, positions; ``PrefillInfo.host_seconds``), median of ``--rounds``
   prefills. step device ms: the device time of the kernels launched inside the step, from the
-  profiler (CUDA only). syncs: host synchronisations caused by the integration inside the
-  language model's forward (``topv.testing.syncs``, any device); on CUDA also every
+  profiler (CUDA only; the vision stage's capture in the encoder included). syncs: host
+  synchronisations caused by the integration inside the language model's and the vision
+  encoder's forward (``topv.testing.syncs``, any device); on CUDA also every
   synchronising CUDA call in that window (profiler), the model's own included.
 * SDPA: the attention kernels the profiler saw in one prefill and one decode step (cudnn /
   flash / efficient / math; eager where weights are materialised), per row.
 * peak MiB: device memory above what was allocated before a prefill + decode (CUDA only);
   KV MiB: the cache after the prefill. lm graph ms: the language model's prefill alone replayed
-  from a CUDA graph (the layout pinned, CUDA only).
+  from a CUDA graph (the layout pinned, CUDA only; not for the vision stage, whose prefill reads
+  what the vision encoder produced outside the language model).
+* tok>K: the tokens of the pruned layers (the vision stage: every layer).
 """
 
 from __future__ import annotations
@@ -57,7 +64,20 @@ import topv  # noqa: E402
 from topv.testing import tiny_models as tm  # noqa: E402
 from topv.testing.syncs import SyncCounter  # noqa: E402
 
-METHODS = ("unpruned", "topv/after_k", "topv/all", "fastv", "random", "uniform", "dart")
+METHODS = ("unpruned", "topv/after_k", "topv/all", "topv/vision", "fastv", "random", "uniform", "dart")
+VARIANTS = ("after_k", "all", "vision")  # <method>/<variant>: the layer stage's KV mode, or the vision stage
+
+
+def method_error(method: str) -> str | None:
+    """Why ``method`` is not a benchmark method (None when it is)."""
+    from topv.integrations.scorers import METHODS as SCORERS
+
+    name, _, variant = method.partition("/")
+    if method == "unpruned" or (name in SCORERS and variant in ("", *VARIANTS)
+                                and not (name == "fastv" and variant == "vision")):
+        return None
+    return (f"unknown method {method!r}: give unpruned or <method>[/<variant>] with <method> in {list(SCORERS)} and "
+            f"<variant> in {list(VARIANTS)} (fastv has no vision stage)")
 
 
 @dataclass
@@ -181,8 +201,10 @@ def _timed(fn, device):
 def install(model, method, keep_ratio):
     if method == "unpruned":
         return None
-    name, _, kv = method.partition("/")
-    return topv.apply(model, keep_ratio=keep_ratio, method=name, kv=kv or "after_k", check_finite=False)
+    name, _, variant = method.partition("/")
+    if variant == "vision":
+        return topv.apply(model, keep_ratio=keep_ratio, method=name, stage="vision", check_finite=False)
+    return topv.apply(model, keep_ratio=keep_ratio, method=name, kv=variant or "after_k", check_finite=False)
 
 
 @contextlib.contextmanager
@@ -290,11 +312,13 @@ def profile_row(model, inputs, session, device, row):
 
 
 def count_syncs(model, inputs) -> int:
-    """Host synchronisations the integration's own code causes inside the language model's forward."""
-    lm = model.model.language_model
+    """Host synchronisations the integration's own code causes inside the language model's forward
+    and the vision encoder's (where the vision stage captures)."""
+    encoder = model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
     counter = SyncCounter(attribute="topv/integrations", active=False)
-    handles = [lm.register_forward_pre_hook(lambda *_: setattr(counter, "active", True)),
-               lm.register_forward_hook(lambda *_: setattr(counter, "active", False))]
+    handles = [h for mod in (model.model.language_model, encoder) for h in (
+        mod.register_forward_pre_hook(lambda *_: setattr(counter, "active", True)),
+        mod.register_forward_hook(lambda *_: setattr(counter, "active", False)))]
     try:
         with counter:
             prefill(model, inputs)
@@ -326,51 +350,58 @@ def lm_graph_ms(model, inputs, session, device):
             session.pin_layout(None)
 
 
-def measure(setup: Setup, model, inputs, methods, args, device) -> list[Row]:
-    """Every method on this model and batch: warm-up, interleaved rounds, then per-method extras."""
+def runs(methods: list[str], ratios: list[float]) -> list[tuple[str, float | None]]:
+    """(method, keep ratio) of every row: unpruned once, every other method at every ratio."""
+    return ([("unpruned", None)] if "unpruned" in methods else []) + [
+        (m, r) for r in ratios for m in methods if m != "unpruned"]
+
+
+def measure(setup: Setup, model, inputs, configs, args, device) -> list[Row]:
+    """Every (method, keep ratio) on this model and batch: warm-up, interleaved rounds, then
+    per-row extras."""
     cfg = model.config
     B, T = inputs["input_ids"].shape
     ids = inputs["input_ids"][0]
     vis = int(((ids == cfg.image_token_id) | (ids == getattr(cfg, "video_token_id", -1))).sum())
     attn = model.model.language_model.config._attn_implementation
-    rows = {m: Row(setup.name, B, vis, T, m, None if m == "unpruned" else args.keep, attn) for m in methods}
-    ttft = {m: [] for m in methods}
-    steps = {m: [] for m in methods}
-    host = {m: [] for m in methods}
-    hooks_us = {m: [] for m in methods}
+    rows = {c: Row(setup.name, B, vis, T, c[0], c[1], attn) for c in configs}
+    ttft = {c: [] for c in configs}
+    steps = {c: [] for c in configs}
+    host = {c: [] for c in configs}
+    hooks_us = {c: [] for c in configs}
     with torch.inference_mode():
-        for m in methods:  # warm-up: every method once, kernels and layout tables built
+        for c in configs:  # warm-up: every row once, kernels and layout tables built
             try:
-                with applied(model, m, args.keep):
+                with applied(model, *c):
                     decode(model, prefill(model, inputs), 2, device)
             except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
-                rows[m].note = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        live = [m for m in methods if not rows[m].note]
+                rows[c].note = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        live = [c for c in configs if not rows[c].note]
         for r in range(args.rounds):
-            for m in live:
-                with applied(model, m, args.keep) as s:
+            for c in live:
+                with applied(model, *c) as s:
                     out, dt = _timed(lambda: prefill(model, inputs), device)
-                    ttft[m].append(dt)
+                    ttft[c].append(dt)
                     if s is not None:
-                        host[m].append(s.last.host_seconds)
-                        rows[m].tokens_after_k = s.last.pruned_length
-                    rows[m].kv_mib = cache_mib(out)
+                        host[c].append(s.last.host_seconds)
+                        rows[c].tokens_after_k = s.last.pruned_length
+                    rows[c].kv_mib = cache_mib(out)
                     if s is not None:
                         s.decode_host_seconds, s.decode_steps = 0.0, 0
-                    steps[m] += decode(model, out, args.decode_steps, device)
+                    steps[c] += decode(model, out, args.decode_steps, device)
                     if s is not None:
-                        hooks_us[m].append(s.decode_host_seconds / s.decode_steps * 1e6)
+                        hooks_us[c].append(s.decode_host_seconds / s.decode_steps * 1e6)
                     del out
             print(f"#   {setup.name} B={B}: round {r + 1}/{args.rounds} done", flush=True)
-        for m in live:
-            row = rows[m]
-            row.ttft_ms = statistics.median(ttft[m]) * 1e3
-            q = statistics.quantiles(steps[m], n=10) if len(steps[m]) > 1 else [steps[m][0]] * 9
-            row.decode_ms, row.decode_p10_ms, row.decode_p90_ms = (statistics.median(steps[m]) * 1e3, q[0] * 1e3,
+        for c in live:
+            row = rows[c]
+            row.ttft_ms = statistics.median(ttft[c]) * 1e3
+            q = statistics.quantiles(steps[c], n=10) if len(steps[c]) > 1 else [steps[c][0]] * 9
+            row.decode_ms, row.decode_p10_ms, row.decode_p90_ms = (statistics.median(steps[c]) * 1e3, q[0] * 1e3,
                                                                    q[-1] * 1e3)
-            row.step_host_ms = statistics.median(host[m]) * 1e3 if host[m] else None
-            row.decode_hooks_us = statistics.median(hooks_us[m]) if hooks_us[m] else None
-            with applied(model, m, args.keep) as s:
+            row.step_host_ms = statistics.median(host[c]) * 1e3 if host[c] else None
+            row.decode_hooks_us = statistics.median(hooks_us[c]) if hooks_us[c] else None
+            with applied(model, *c) as s:
                 try:
                     row.syncs = count_syncs(model, inputs) if s is not None else None
                     profile_row(model, inputs, s, device, row)
@@ -380,17 +411,19 @@ def measure(setup: Setup, model, inputs, methods, args, device) -> list[Row]:
                         torch.cuda.reset_peak_memory_stats(device)
                         decode(model, prefill(model, inputs), args.decode_steps, device)
                         row.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-                        row.lm_graph_ms = lm_graph_ms(model, inputs, s, device)
+                        if s is None or s.settings.stage == "layer":
+                            row.lm_graph_ms = lm_graph_ms(model, inputs, s, device)
                 except Exception as e:  # noqa: BLE001 - reported in the row
                     row.note = f"extras: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return [rows[m] for m in methods]
+    return [rows[c] for c in configs]
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = (("method", "method", 14, None), ("ttft_ms", "TTFT ms", 9, 2), ("decode_ms", "dec ms", 8, 3),
+COLUMNS = (("method", "method", 14, None), ("keep_ratio", "keep", 6, 3), ("ttft_ms", "TTFT ms", 9, 2),
+           ("decode_ms", "dec ms", 8, 3),
            ("decode_p10_ms", "p10", 8, 3), ("decode_p90_ms", "p90", 8, 3), ("decode_hooks_us", "hooks us", 8, 1),
            ("peak_mib", "peak MiB", 9, 0),
            ("kv_mib", "KV MiB", 8, 1), ("step_host_ms", "step host", 9, 3), ("step_device_ms", "step dev", 8, 3),
@@ -429,10 +462,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2, ...")
-    ap.add_argument("--keep", type=float, default=0.25, help="keep ratio of every pruning method")
+    ap.add_argument("--keep", default="0.25", help="comma-separated keep ratios; every pruning method runs at each")
     ap.add_argument("--setups", default=None, help="comma-separated setup names (default: all)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: each setup's)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated: unpruned or <method>[/{'|'.join(VARIANTS)}] (default {','.join(METHODS)})")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
     ap.add_argument("--decode-steps", type=int, default=None, help="decode steps per round (default 32, quick 4)")
     common.add_out_argument(ap)
@@ -440,11 +474,15 @@ def main(argv=None):
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.decode_steps = args.decode_steps or (4 if args.quick else 32)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        ap.error(f"unknown methods {bad}; choose from {list(METHODS)}")
-    if not 0.0 < args.keep <= 1.0:
-        ap.error(f"--keep must lie in (0, 1], got {args.keep}")
+    for m in methods:
+        if method_error(m):
+            ap.error(f"--methods: {method_error(m)}")
+    try:
+        ratios = [float(r) for r in args.keep.split(",")]
+    except ValueError:
+        ap.error(f"--keep must be comma-separated numbers in (0, 1], got {args.keep!r}")
+    if not all(0.0 < r <= 1.0 for r in ratios):
+        ap.error(f"--keep ratios must lie in (0, 1], got {args.keep}")
     all_setups = setups(args.quick)
     wanted = None if args.setups is None else args.setups.split(",")
     if wanted is not None and set(wanted) - {s.name for s in all_setups}:
@@ -477,7 +515,7 @@ def main(argv=None):
             inputs = setup.inputs(model.config, [setup.prompt] * B, dtype=dtype, device=device)
             print(f"# {setup.name} B={B}: {inputs['input_ids'].shape[1]} prompt tokens", flush=True)
             print(header())
-            got = measure(setup, model, inputs, methods, args, device)
+            got = measure(setup, model, inputs, runs(methods, ratios), args, device)
             for r in got:
                 print(fmt(r), flush=True)
             rows += got

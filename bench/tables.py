@@ -149,13 +149,13 @@ def e2e_table(device=GPU, commit=None) -> str:
     last = max(r["commit"] for r in rows[-1:])  # the latest commit's runs (one per setup and batch)
     rows = [r for r in rows if r["commit"] == last]
     r0 = rows[0]
-    out = [f"End to end, random bf16 weights (speed and memory depend on the shapes only), attention {r0['attn']}, "
-           f"keep {r0['keep_ratio'] or '0.25'} ({r0['device']}, commit {last}, {r0['time_utc'][:10]}; torch "
+    out = [f"End to end, random bf16 weights (speed and memory depend on the shapes only), attention {r0['attn']} "
+           f"({r0['device']}, commit {last}, {r0['time_utc'][:10]}; torch "
            f"{r0['torch']}, transformers {r0['transformers']}). TTFT: one prefill, eager; decode: ms per token, "
            "median (p10-p90) of single steps; step: the host / device ms of everything pruning adds to a prefill; "
            "LM graph: the language model's prefill replayed from a CUDA graph.", "",
-           "| setup | B | method | TTFT ms | speed-up | decode ms (p10-p90) | KV MiB | peak MiB | step host / device ms "
-           "| LM graph ms |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| setup | B | method | keep | TTFT ms | speed-up | decode ms (p10-p90) | KV MiB | peak MiB "
+           "| step host / device ms | LM graph ms |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = {}
     for r in rows:
         key = (r["setup"], r["batch"])
@@ -166,7 +166,7 @@ def e2e_table(device=GPU, commit=None) -> str:
         key = (r["setup"], r["batch"])
         speed = f"{base[key] / float(r['ttft_ms']):.2f}×" if key in base and r["ttft_ms"] else "—"
         step = "—" if not r["step_host_ms"] else f"{f(r['step_host_ms'], 2)} / {f(r['step_device_ms'], 2)}"
-        out.append(f"| {r['setup']} | {r['batch']} | {r['method']} | {f(r['ttft_ms'])} | {speed} | "
+        out.append(f"| {r['setup']} | {r['batch']} | {r['method']} | {f(r['keep_ratio'], 3)} | {f(r['ttft_ms'])} | {speed} | "
                    f"{f(r['decode_ms'], 2)} ({f(r['decode_p10_ms'], 1)}-{f(r['decode_p90_ms'], 1)}) | {f(r['kv_mib'], 0)} | "
                    f"{f(r['peak_mib'], 0)} | {step} | {f(r['lm_graph_ms'])} |")
     return "\n".join(out)

@@ -11,10 +11,11 @@ import topv
 from topv.integrations.families import family_for
 from topv.integrations.layout import budget
 from topv.testing import tiny_models as tm
-from topv.testing.reference import capture_prompt, layer_states, reference_kept, reference_logits
+from topv.testing.reference import capture_prompt, layer_states, reference_kept, reference_logits, vision_states
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 METHODS = ("topv", "fastv", "random", "uniform", "dart")
+VISION_METHODS = ("topv", "random", "uniform", "dart")  # every method but FastV, which reads the LM's attention
 
 # Two rows of different lengths and image counts per family: adjacent images (LLaVA), AnyRes
 # grids of different shapes (LLaVA-NeXT), an image and a video of different sizes (Qwen), tiled
@@ -71,9 +72,12 @@ def check_against_reference(m, batch: dict, *, max_new_tokens: int = 3, atol: fl
 
     * the row's segments equal the family's segments of the unpadded prompt (shifted by the padding);
     * every segment keeps exactly its budget, and the kept set is the one the method's reference
-      recomputes from the prompt's own layer states (where the method's choice is a function of them);
+      recomputes from the prompt's own layer states (stage "vision": its vision encoder's states),
+      where the method's choice is a function of them;
     * the prefill logits of the kept positions and every decode step's logits and greedy tokens
-      equal :func:`reference_logits` given that kept set.
+      equal :func:`reference_logits` given that kept set (stage "vision": every layer on the kept
+      sequence, at the original or compact positions);
+    * every layer's cache holds the pruned length (stage "vision"), or as ``kv`` says.
 
     Returns the session's ``PrefillInfo`` of the forward and of generate's prefill (or None)."""
     cfg = m.config
@@ -87,7 +91,11 @@ def check_against_reference(m, batch: dict, *, max_new_tokens: int = 3, atol: fl
             gen = m.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
             ginfo = s.last
-        scorer, layer = s.scorer, s.settings.layer
+        scorer, settings = s.scorer, s.settings
+    layer = settings.layer
+    n_layers = len(m.model.language_model.layers)
+    pruned_from = 0 if settings.kv == "all" else layer + 1
+    assert info.cache_lengths == [info.input_length] * pruned_from + [info.pruned_length] * (n_layers - pruned_from)
     family = family_for(cfg, image_newline=getattr(m.model, "image_newline", None))
     kind = enable_kwargs.get("keep_ratio"), enable_kwargs.get("keep")
     for b, one in enumerate(tm.split_batch(cfg, batch)):
@@ -96,7 +104,7 @@ def check_against_reference(m, batch: dict, *, max_new_tokens: int = 3, atol: fl
         own = family.segments(one["input_ids"], one)
         assert len(own) == len(mine), (b, len(own), len(mine))
         prompt = capture_prompt(m, one)
-        states = layer_states(m, prompt, layer)
+        states = vision_states(m, one) if settings.stage == "vision" else layer_states(m, prompt, layer)
         kept = torch.ones(prompt.embeds.shape[0], dtype=torch.bool)
         for (i, seg), ref in zip(mine, own):
             assert torch.equal(seg.token_index - offset, ref.token_index) and torch.equal(seg.unscored - offset,
@@ -112,7 +120,7 @@ def check_against_reference(m, batch: dict, *, max_new_tokens: int = 3, atol: fl
             kept[ref.token_index] = False
             kept[got] = True
         new = gen.sequences[b, -max_new_tokens:-1] if gen is not None else torch.zeros(0, dtype=torch.long)
-        pre, steps = reference_logits(m, prompt, kept, new, layer=layer, kv=enable_kwargs.get("kv", "after_k"))
+        pre, steps = reference_logits(m, prompt, kept, new, layer=layer, kv=settings.kv, positions=settings.positions)
         torch.testing.assert_close(out.logits[b][info.valid[b]], pre, atol=atol, rtol=1e-4)
         if gen is not None:
             glog = torch.stack([lg[b] for lg in gen.logits])

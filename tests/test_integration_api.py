@@ -45,6 +45,14 @@ from topv.integrations.transformers import session_of
     (dict(keep_ratio=0.5, scorer="dart"), TypeError, "scorer must be a topv.integrations.scorers.Scorer, got str"),
     (dict(keep_ratio=0.5, scorer=DART(), method="fastv"), ValueError, "either scorer= .* or method="),
     (dict(keep_ratio=0.5, scorer=DART(), eps=0.5), ValueError, "either scorer="),
+    (dict(keep_ratio=0.5, stage="encoder"), ValueError, r"stage must be one of \['layer', 'vision'\], got 'encoder'"),
+    (dict(keep_ratio=0.5, stage="vision", positions="relative"), ValueError,
+     r"positions must be one of \['original', 'compact'\], got 'relative'"),
+    (dict(keep_ratio=0.5, positions="compact"), ValueError, "positions='compact' needs stage='vision'"),
+    (dict(keep_ratio=0.5, stage="vision", layer=1), ValueError, r"layer chooses the decoder layer K .*\(got layer=1\)"),
+    (dict(keep_ratio=0.5, stage="vision", kv="all"), ValueError, r"kv chooses which layers .*\(got kv='all'\)"),
+    (dict(keep_ratio=0.5, stage="vision", method="fastv"), ValueError,
+     r"method 'fastv' reads attention weights .* use one of \['topv', 'random', 'uniform', 'dart'\]"),
 ])
 def test_bad_arguments_fail_at_apply(kwargs, error, match):
     cfg, m = model("llava")
@@ -124,3 +132,31 @@ def test_bad_prefill_inputs_fail_with_their_reason():
         embeds = m.get_input_embeddings()(batch["input_ids"])
         with pytest.raises(ValueError, match="inputs_embeds without input_ids"):
             m(inputs_embeds=embeds, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("layer,match", [([-1, -2], "scores one encoder layer; LLaVA-1.5's vision_feature_layer is "
+                                                    r"\[-1, -2\]"),
+                                         (0, "vision_feature_layer 0 selects no layer's output of its 1-layer encoder"),
+                                         (-3, "vision_feature_layer -3 selects no layer's output")])
+def test_vision_stage_needs_one_encoder_layer(layer, match, monkeypatch):
+    cfg, m = model("llava")
+    before = hooks(m)
+    monkeypatch.setattr(m.config, "vision_feature_layer", layer)
+    with pytest.raises(ValueError, match=match):
+        topv.apply(m, keep_ratio=0.5, stage="vision")
+    assert hooks(m) == before and session_of(m) is None
+
+
+def test_vision_stage_prefill_errors():
+    """The encoder must run under the session (it is what the stage scores), at the layer it was
+    installed on."""
+    cfg, m = model("llava")
+    batch = inputs("llava", cfg, seed=61)
+    with torch.no_grad():
+        encoded = m.model.get_image_features(pixel_values=batch["pixel_values"])
+        with topv.enable(m, keep_ratio=0.5, stage="vision"):
+            with pytest.raises(RuntimeError, match="the encoder did not run under topv for this prefill"):
+                m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  mm_encoder_outputs={"image": encoded})
+            with pytest.raises(ValueError, match=r"config's vision_feature_layer \(-1\); this call asks for -2"):
+                m(**batch, vision_feature_layer=-2)

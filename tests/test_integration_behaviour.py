@@ -4,7 +4,7 @@ reproducible, custom scorers plug in."""
 
 import pytest
 import torch
-from integration_support import FAMILIES, METHODS, check_against_reference, hooks, inputs, model
+from integration_support import FAMILIES, METHODS, VISION_METHODS, check_against_reference, hooks, inputs, model
 
 import topv
 from topv.integrations.layout import budget
@@ -12,10 +12,12 @@ from topv.integrations.scorers import Scorer
 from topv.integrations.transformers import session_of
 from topv.testing import tiny_models as tm
 
+PLACEMENTS = {"after_k": dict(kv="after_k"), "all": dict(kv="all"), "vision": dict(stage="vision")}
 
-@pytest.mark.parametrize("kv", ["after_k", "all"])
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_all_is_exact(family, kv):
+def test_keep_all_is_exact(family, placement):
     """Budgets that keep every token leave the forward untouched: logits and greedy tokens are
     bit-identical to the plain model, and session.last still describes the prefill."""
     cfg, m = model(family)
@@ -23,7 +25,7 @@ def test_keep_all_is_exact(family, kv):
     with torch.no_grad():
         ref = m(**batch).logits
         ref_gen = m.generate(**batch, max_new_tokens=3, do_sample=False)
-        with topv.enable(m, keep_ratio=1.0, kv=kv, method="dart") as s:
+        with topv.enable(m, keep_ratio=1.0, method="dart", **PLACEMENTS[placement]) as s:
             out = m(**batch).logits
             gen = m.generate(**batch, max_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref) and torch.equal(gen, ref_gen)
@@ -32,14 +34,15 @@ def test_keep_all_is_exact(family, kv):
     assert [k.numel() for k in info.kept] == info.keep_counts == [seg.token_index.numel() for seg in info.segments]
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kv", ["after_k", "all"])
+@pytest.mark.parametrize("kv,method", [(kv, m) for kv in ("after_k", "all") for m in METHODS]
+                         + [("vision", m) for m in VISION_METHODS])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_lengths_as_predicted(family, kv, method):
+    """The pruned length L' and every layer's cache length (the vision stage: L' in every layer)."""
     cfg, m = model(family)
     batch = inputs(family, cfg, seed=3)
     T = batch["input_ids"].shape[1]
-    with torch.no_grad(), topv.enable(m, keep_ratio=0.25, kv=kv, method=method) as s:
+    with torch.no_grad(), topv.enable(m, keep_ratio=0.25, method=method, **PLACEMENTS[kv]) as s:
         out = m(**batch, use_cache=True)
     info = s.last
     n = [seg.token_index.numel() for seg in info.segments]
@@ -52,6 +55,7 @@ def test_lengths_as_predicted(family, kv, method):
     layers = cfg.text_config.num_hidden_layers
     full = s.settings.layer + 1
     want = [T] * full + [L] * (layers - full) if kv == "after_k" else [L] * layers
+    assert s.last.stage == ("vision" if kv == "vision" else "layer")
     assert info.cache_lengths == want == [tm.cache_of(out).get_seq_length(i) for i in range(layers)]
     for seg, kept in zip(info.segments, info.kept):  # every slot of a kept token maps back to it
         assert set(kept.tolist()) <= set(info.index[seg.row][info.valid[seg.row]].tolist())
@@ -154,10 +158,11 @@ def test_grad_modes(ctx):
     assert g.shape == (2, batch["input_ids"].shape[1] + 3)
 
 
-def test_batched_equals_per_sample():
+@pytest.mark.parametrize("placement", ["all", "vision"])
+def test_batched_equals_per_sample(placement):
     cfg, m = model("qwen2_vl")
     batch = inputs("qwen2_vl", cfg, seed=9)
-    with torch.no_grad(), topv.enable(m, keep_ratio=0.25, kv="all"):
+    with torch.no_grad(), topv.enable(m, keep_ratio=0.25, **PLACEMENTS[placement]):
         batched = m.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)[:, -4:]
         for b, one in enumerate(tm.split_batch(cfg, batch)):
             alone = m.generate(**one, max_new_tokens=4, min_new_tokens=4, do_sample=False)[:, -4:]
@@ -170,6 +175,33 @@ def test_eager_attention_matches_reference(method):
     batch = inputs("llava", cfg, seed=10)
     check_against_reference(m, batch, keep=6, kv="after_k", layer=1, method=method, recover_ratio=0.4
                             if method == "topv" else 0.25)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_eager_attention_vision_stage_matches_reference(positions):
+    cfg, m = model("qwen2_vl", "eager")
+    batch = inputs("qwen2_vl", cfg, seed=10)
+    check_against_reference(m, batch, keep=3, stage="vision", positions=positions)
+
+
+def test_vision_stage_comes_off_and_reads_each_encoder_call():
+    """LLaVA-NeXT's vision stage wraps this instance's get_image_features (generate gives the
+    image sizes to the encoder only) and unwraps it on removal; an encoder call that no prefill
+    used (here: features computed by hand) does not leak into the next prefill."""
+    cfg, m = model("llava_next")
+    batch = inputs("llava_next", cfg, seed=12)
+    before = hooks(m)
+    with torch.no_grad():
+        ref = m(**batch).logits
+        with topv.enable(m, keep_ratio=0.4, stage="vision") as s:
+            assert "get_image_features" in vars(m.model) and hooks(m) > before
+            m(**batch)
+            first = [k.clone() for k in s.last.kept]
+            m.model.get_image_features(pixel_values=batch["pixel_values"][:1], image_sizes=batch["image_sizes"][:1])
+            m(**batch)
+            assert all(torch.equal(a, b) for a, b in zip(first, s.last.kept))
+        assert "get_image_features" not in vars(m.model) and hooks(m) == before
+        assert torch.equal(m(**batch).logits, ref)
 
 
 def test_nan_never_passes():

@@ -33,16 +33,22 @@ def _generate_logits(m, batch, n):
     return torch.stack(g.logits, 1)
 
 
-@pytest.mark.parametrize("method", ["topv", "fastv"])
+PLACEMENTS = {"after_k": dict(kv="after_k"), "all": dict(kv="all"), "vision": dict(stage="vision"),
+              "vision/compact": dict(stage="vision", positions="compact")}
+
+
+@pytest.mark.parametrize("placement,method", [(p, m) for p in ("after_k", "all") for m in ("topv", "fastv")]
+                         + [("vision", "topv"), ("vision/compact", "topv")])
 @pytest.mark.parametrize("family,with_mask", [("llava", False), ("llava", True), ("qwen2_vl", False)])
-@pytest.mark.parametrize("kv", ["after_k", "all"])
-def test_manual_loop_equals_generate(family, with_mask, kv, method):
-    """Under kv="all" the model would read positions off the shorter cache (plain RoPE, and
-    M-RoPE with rope_deltas); TopV hands it the unpruned ones. (Qwen's own forward cannot decode
-    with a mask but without positions, pruned or not: generate passes them.)"""
+def test_manual_loop_equals_generate(family, with_mask, placement, method):
+    """When every layer's cache is pruned (kv="all", the vision stage) the model would read
+    positions off the shorter cache (plain RoPE, and M-RoPE with rope_deltas); TopV hands it the
+    unpruned ones, or under compact positions those after the pruned prefix, whatever generate
+    computed. (Qwen's own forward cannot decode with a mask but without positions, pruned or
+    not: generate passes them.)"""
     cfg, m = model(family)
     one = tm.split_batch(cfg, inputs(family, cfg, seed=31))[0]
-    with torch.no_grad(), topv.enable(m, keep_ratio=0.3, kv=kv, method=method):
+    with torch.no_grad(), topv.enable(m, keep_ratio=0.3, method=method, **PLACEMENTS[placement]):
         want = _generate_logits(m, one, 5)
         got = _manual(m, one if with_mask else {k: v for k, v in one.items() if k != "attention_mask"}, 5, with_mask)
 
@@ -87,7 +93,7 @@ def _decode_step_log(m, batch):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding", [False, True])
-@pytest.mark.parametrize("kv", ["after_k", "all"])
+@pytest.mark.parametrize("kv", ["after_k", "all", "vision/compact"])
 def test_decode_step_adds_a_fixed_handful_of_ops(kv, padding, attn):
     """What a decode step on a pruned cache adds does not grow with the number of layers, and
     reads nothing off the device: with no padding under SDPA nothing at all (the model's own mask
@@ -98,7 +104,7 @@ def test_decode_step_adds_a_fixed_handful_of_ops(kv, padding, attn):
         m = tm.build(cfg, seed=40)
         prompts = [[5, "img", 7]] + ([[3, "img", 2]] if padding else [])
         batch = tm.llava_inputs(cfg, prompts, seed=40)
-        with torch.no_grad(), topv.enable(m, keep_ratio=0.3, kv=kv, check_finite=False):
+        with torch.no_grad(), topv.enable(m, keep_ratio=0.3, check_finite=False, **PLACEMENTS[kv]):
             log = _decode_step_log(m, batch)
         assert log.attributed() == [], log.attributed()
         counts.append(len([op for op in log.ops if op.split(".")[1] not in _VIEWS]))

@@ -67,10 +67,15 @@ def _flash(model):
     return model
 
 
-@pytest.mark.parametrize("method", ["topv", "fastv"])
-@pytest.mark.parametrize("kv", ["after_k", "all"])
+PLACEMENTS = {"after_k": dict(kv="after_k"), "all": dict(kv="all"), "vision": dict(stage="vision"),
+              "vision/compact": dict(stage="vision", positions="compact")}
+
+
+@pytest.mark.parametrize("kv,method", [(kv, m) for kv in ("after_k", "all") for m in ("topv", "fastv")]
+                         + [("vision", "topv"), ("vision/compact", "topv")])
 def test_llava_flash_matches_reference(emulated_flash, kv, method):
-    """Batched with padding; FastV's one eager layer gets an additive mask built from the 2-D one."""
+    """Batched with padding; FastV's one eager layer gets an additive mask built from the 2-D one;
+    the vision stage prunes before layer 0, so every layer runs the pruned sequence under flash."""
     cfg = tm.llava_config(text_layers=4)
     model = tm.build(cfg, seed=21)
     inp = tm.llava_inputs(cfg, [[5, "img", 7], [3, "img", 2, "img", 4]], seed=21)
@@ -80,13 +85,14 @@ def test_llava_flash_matches_reference(emulated_flash, kv, method):
     assert model.model.language_model.config._attn_implementation == "flash_attention_2"
     with torch.no_grad():
         torch.testing.assert_close(model(**inp).logits, sdpa, atol=1e-4, rtol=1e-4)  # the stand-ins are exact
-    check_against_reference(model, inp, keep_ratio=0.3, kv=kv, method=method, max_new_tokens=4)
+    check_against_reference(model, inp, keep_ratio=0.3, method=method, max_new_tokens=4, **PLACEMENTS[kv])
 
 
-def test_qwen2_vl_flash_batch1_gapped_mrope_positions(emulated_flash):
+@pytest.mark.parametrize("kv", ["after_k", "vision"])
+def test_qwen2_vl_flash_batch1_gapped_mrope_positions(emulated_flash, kv):
     """Batch 1 without padding: transformers passes FlashAttention no mask, so gapped M-RoPE
     positions would be read as packed sequences if TopV let them through."""
     cfg = tm.qwen2_vl_config(text_layers=4)
     model = _flash(tm.build(cfg, seed=22))
     inp = tm.qwen2_vl_inputs(cfg, [[3, ("img", (3, 4)), 5]], seed=22)
-    check_against_reference(model, inp, keep_ratio=0.25, kv="after_k", max_new_tokens=4)
+    check_against_reference(model, inp, keep_ratio=0.25, max_new_tokens=4, **PLACEMENTS[kv])

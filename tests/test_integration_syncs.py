@@ -2,22 +2,22 @@
 
 A prefill reads its layout once, in the pre-hooks, before the language model runs; everything
 TopV does inside the language model (capture, scoring, gather, masks, positions, the cache record)
-and in every decode step is fixed-shape device work. ``topv.testing.syncs`` flags each operation
+and in every decode step is fixed-shape device work; so is the vision stage's capture inside the
+vision encoder. ``topv.testing.syncs`` flags each operation
 that would synchronise a GPU (reads of values, data-dependent output sizes, copies to the host) on
 CPU tensors too, with the code that caused it."""
 
 import pytest
 import torch
-from integration_support import FAMILIES, METHODS, inputs, model
+from integration_support import FAMILIES, METHODS, VISION_METHODS, inputs, model
 
 import topv
 from topv.integrations import engine
 from topv.testing.syncs import SyncCounter
 
 
-def _window(m, counter):
-    """Count only from the language model's pre-hooks (TopV's run first) to its forward hook."""
-    lm = m.model.language_model
+def _window(m, counter, modules):
+    """Count only from each module's pre-hooks (TopV's run first) to its forward hook."""
 
     def start(*_):
         counter.active = True
@@ -25,11 +25,15 @@ def _window(m, counter):
     def stop(*_):
         counter.active = False
 
-    return [lm.register_forward_pre_hook(start), lm.register_forward_hook(stop)]
+    return [h for mod in modules for h in (mod.register_forward_pre_hook(start), mod.register_forward_hook(stop))]
 
 
-def _run(m, batch, counter, gen=True):
-    handles = _window(m, counter)
+def _encoder(m):
+    return m.model.visual if hasattr(m.model, "visual") else m.model.vision_tower
+
+
+def _run(m, batch, counter, gen=True, modules=None):
+    handles = _window(m, counter, modules or [m.model.language_model])
     counter.active = False
     try:
         with counter, torch.no_grad():
@@ -42,17 +46,23 @@ def _run(m, batch, counter, gen=True):
     return counter
 
 
-@pytest.mark.parametrize("kv", ["after_k", "all"])
-@pytest.mark.parametrize("family,method", [(f, "topv") for f in FAMILIES] + [("llava", x) for x in METHODS[1:]])
+PLACEMENTS = {"after_k": dict(kv="after_k"), "all": dict(kv="all"), "vision": dict(stage="vision")}
+
+
+@pytest.mark.parametrize("family,method,kv", [(f, "topv", kv) for f in FAMILIES for kv in PLACEMENTS]
+                         + [("llava", x, kv) for x in METHODS[1:] for kv in PLACEMENTS
+                            if kv != "vision" or x in VISION_METHODS])
 def test_no_sync_inside_the_language_model(family, method, kv):
+    """... nor inside the vision encoder, where the vision stage captures."""
     cfg, m = model(family)
     batch = inputs(family, cfg, seed=50)
-    with topv.enable(m, keep_ratio=0.3, kv=kv, method=method, check_finite=False) as s:
-        c = _run(m, batch, SyncCounter(attribute="topv/integrations"))
+    modules = [m.model.language_model] + ([_encoder(m)] if kv == "vision" else [])
+    with topv.enable(m, keep_ratio=0.3, method=method, check_finite=False, **PLACEMENTS[kv]) as s:
+        c = _run(m, batch, SyncCounter(attribute="topv/integrations"), modules=modules)
         assert s.last is not None and s.last.pruned
     assert c.attributed() == [], [(x.op, x.where) for x in c.attributed()]
     # and it does not make transformers synchronise more than the unpruned model does
-    base = _run(m, batch, SyncCounter())
+    base = _run(m, batch, SyncCounter(), modules=modules)
     assert c.count <= base.count, ([(x.op, x.where) for x in c.syncs], [(x.op, x.where) for x in base.syncs])
 
 

@@ -35,6 +35,9 @@ def _png_size(path):
     (["--method", "dart", "--backend", "reference"], "--backend configures method topv"),
     (["--out", "/nonexistent-folder/x.png"], "--out: the folder /nonexistent-folder does not exist"),
     (["--method", "bogus"], "invalid choice: 'bogus'"),
+    (["--stage", "vision", "--method", "fastv"], "--method fastv reads the language model's attention"),
+    (["--stage", "vision", "--layer", "1"], "--layer configures --stage layer"),
+    (["--stage", "vision", "--kv", "all"], "--kv configures --stage layer"),
 ])
 def test_demo_checks_arguments_before_building_anything(argv, match, capsys, monkeypatch):
     monkeypatch.setattr("topv.testing.tiny_models.build", lambda *a, **k: pytest.fail("built a model"))
@@ -59,6 +62,14 @@ def test_demo_runs_with_nothing_pruned(tmp_path, capsys, monkeypatch):
     assert out.exists()
 
 
+def test_demo_vision_stage(tmp_path, capsys):
+    assert demo.main(["--stage", "vision", "--new-tokens", "2", "--out", str(tmp_path / "v.png")]) == 0
+    out = capsys.readouterr().out
+    assert "stage=vision: image tokens kept 144/576" in out
+    assert "every layer (0..7): 196 of 628 (pruned before the language model" in out
+    assert "KV-cache length per layer after prefill: [196, 196, 196, 196, 196, 196, 196, 196]" in out
+
+
 @pytest.mark.parametrize("matplotlib", [True, False])
 def test_demo_picture_explains_itself(tmp_path, monkeypatch, matplotlib):
     """Top and recovery tokens are framed in different colours, pruned ones dimmed, with a title
@@ -79,8 +90,9 @@ def test_demo_picture_explains_itself(tmp_path, monkeypatch, matplotlib):
 
 
 def test_bench_quick_runs_every_method_on_cpu(tmp_path):
-    """bench/bench_e2e.py --quick: every method, every tiny setup, in well under a minute; rows
-    appended to <--out>/<device>/e2e.csv (and nothing written without --out)."""
+    """bench/bench_e2e.py --quick: every method and both stages, every tiny setup, in well under a
+    minute; rows appended to <--out>/<device>/e2e.csv (and nothing written without --out); keep
+    ratios are selectable."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--quick", "--device", "cpu", "--out", str(tmp_path)]
     t0 = time.perf_counter()
@@ -90,20 +102,43 @@ def test_bench_quick_runs_every_method_on_cpu(tmp_path):
     assert took < 60, took
     out, = tmp_path.glob("*/e2e.csv")  # bench/results/<device>/e2e.csv, as every benchmark
     rows = list(csv.DictReader(open(out)))
-    methods = ["unpruned", "topv/after_k", "topv/all", "fastv", "random", "uniform", "dart"]
+    methods = ["unpruned", "topv/after_k", "topv/all", "topv/vision", "fastv", "random", "uniform", "dart"]
     assert [r["method"] for r in rows] == methods * 4  # llava B=1, B=2, llava-next, qwen video
     for r in rows:
         assert float(r["ttft_ms"]) > 0 and float(r["decode_ms"]) > 0 and r["commit"] and r["sdpa_decode"]
         assert float(r["decode_p10_ms"]) <= float(r["decode_ms"]) <= float(r["decode_p90_ms"])
         if r["method"] != "unpruned":
-            assert r["syncs"] == "0" and float(r["step_host_ms"]) > 0
+            assert r["syncs"] == "0" and float(r["step_host_ms"]) > 0 and r["keep_ratio"] == "0.25"
             assert int(r["tokens_after_k"]) < int(r["prompt_tokens"])
+    for i in range(0, len(rows), len(methods)):  # the vision stage caches what topv/all caches
+        by = {r["method"]: r for r in rows[i:i + len(methods)]}
+        assert by["topv/vision"]["kv_mib"] == by["topv/all"]["kv_mib"] != by["topv/after_k"]["kv_mib"]
     assert "FAILED" not in run.stdout and "profiler_start" not in run.stderr
     assert "method |" in run.stdout and "round 2/2 done" in run.stdout
     quiet = subprocess.run(cmd[:-2] + ["--setups", "llava-tiny", "--batches", "1", "--methods", "unpruned"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert quiet.returncode == 0 and "appended" not in quiet.stdout
     assert len(list(csv.DictReader(open(out)))) == len(rows)
+    ratios = subprocess.run(cmd + ["--setups", "llava-tiny", "--batches", "1", "--methods",
+                                   "unpruned,topv/vision,dart/all", "--keep", "0.5,0.125", "--rounds", "1",
+                                   "--decode-steps", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert ratios.returncode == 0, ratios.stdout + ratios.stderr
+    new = list(csv.DictReader(open(out)))[len(rows):]
+    assert [(r["method"], r["keep_ratio"]) for r in new] == [
+        ("unpruned", ""), ("topv/vision", "0.5"), ("dart/all", "0.5"), ("topv/vision", "0.125"), ("dart/all", "0.125")]
+    assert int(new[1]["tokens_after_k"]) > int(new[3]["tokens_after_k"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--methods", "fastv/vision"], "unknown method 'fastv/vision'.*fastv has no vision stage"),
+    (["--methods", "topv/layer"], r"unknown method 'topv/layer'.*<variant> in \['after_k', 'all', 'vision'\]"),
+    (["--keep", "0.5,x"], "--keep must be comma-separated numbers"),
+    (["--keep", "0.5,0"], r"--keep ratios must lie in \(0, 1\], got 0.5,0"),
+])
+def test_bench_checks_arguments(argv, match):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_e2e.py"), "--quick", "--device", "cpu", *argv],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert run.returncode == 2 and re.search(match, run.stderr), run.stderr
 
 
 def test_bench_checks_out_before_any_work(tmp_path):

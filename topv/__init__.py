@@ -1,18 +1,20 @@
 """topv: fused GPU kernels for TopV visual-token pruning (CVPR 2025, arXiv 2503.18278).
 
 Public API: :func:`prune`, :func:`cost_matrix`, :func:`sinkhorn`, :func:`grid_positions`, the
-same ops as ``torch.ops.topv.*``, and the Hugging Face integration (:func:`enable`,
+same ops as ``torch.ops.topv.*``, the serving-engine contract (:func:`kept_count`,
+:func:`select_tokens`; ``topv.serving``), and the Hugging Face integration (:func:`enable`,
 :func:`apply`, :func:`remove`), which imports transformers only when called.
 """
 
 from topv import defaults
 from topv.api import cost_matrix, grid_positions, prune, sinkhorn
 from topv.ops import available_backends
+from topv.serving import kept_count, select_tokens
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "cost_matrix", "sinkhorn", "grid_positions", "available_backends", "defaults", "enable", "apply",
-           "remove"]
+__all__ = ["prune", "cost_matrix", "sinkhorn", "grid_positions", "available_backends", "defaults", "kept_count",
+           "select_tokens", "enable", "apply", "remove"]
 
 
 def __getattr__(name):

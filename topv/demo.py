@@ -1,7 +1,8 @@
 """``python -m topv.demo``: TopV inside a tiny LLaVA-1.5-shaped model, no downloads.
 
 Builds a random-initialised LLaVA (CLIP-style 24 x 24 patch grid, a small Llama), generates with
-and without pruning, prints the tokens each layer sees, the KV-cache bytes and timings, and saves
+and without pruning (after decoder layer K, or with ``--stage vision`` before the language model,
+scored in the vision encoder), prints the tokens each layer sees, the KV-cache bytes and timings, and saves
 a picture of the synthetic input image with the patches that were kept: for TopV the top-scored
 ones and the uniform recovery ones framed in two colours, pruned ones dimmed, with a title and a
 legend (drawn by matplotlib when it is installed, by a built-in writer otherwise). The weights are
@@ -221,8 +222,11 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-ratio", type=float, default=0.25, help="share of each image's tokens kept, in (0, 1]")
     ap.add_argument("--method", default="topv", choices=list(METHODS))
-    ap.add_argument("--layer", type=int, default=D.LAYER, help="K: the last layer that sees every token")
-    ap.add_argument("--kv", choices=["after_k", "all"], default="after_k")
+    ap.add_argument("--stage", choices=["layer", "vision"], default="layer",
+                    help="prune after decoder layer K (the paper's placement) or before the language model")
+    ap.add_argument("--layer", type=int, default=None,
+                    help=f"stage layer: K, the last layer that sees every token (default {D.LAYER})")
+    ap.add_argument("--kv", choices=["after_k", "all"], default=None, help="stage layer: the KV mode (default after_k)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -231,9 +235,18 @@ def parse(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0.0 < args.keep_ratio <= 1.0:
         ap.error(f"--keep-ratio must lie in (0, 1], got {args.keep_ratio}")
-    lo = 1 if args.method == "fastv" else 0
-    if not lo <= args.layer <= LAYERS - 2:
-        ap.error(f"--layer must lie in [{lo}, {LAYERS - 2}] for the demo's {LAYERS}-layer model, got {args.layer}")
+    if args.stage == "vision":
+        if args.method == "fastv":
+            ap.error("--method fastv reads the language model's attention; --stage vision prunes before it runs")
+        for flag, value in (("--layer", args.layer), ("--kv", args.kv)):
+            if value is not None:
+                ap.error(f"{flag} configures --stage layer; --stage vision scores the vision encoder")
+    else:
+        args.layer = D.LAYER if args.layer is None else args.layer
+        args.kv = args.kv or "after_k"
+        lo = 1 if args.method == "fastv" else 0
+        if not lo <= args.layer <= LAYERS - 2:
+            ap.error(f"--layer must lie in [{lo}, {LAYERS - 2}] for the demo's {LAYERS}-layer model, got {args.layer}")
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
     try:
@@ -271,6 +284,10 @@ def main(argv=None):
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   return_dict_in_generate=True)
     prune_kw = {"backend": args.backend} if args.method == "topv" else {}
+    if args.stage == "vision":
+        prune_kw["stage"] = "vision"
+    else:
+        prune_kw.update(layer=args.layer, kv=args.kv)
 
     print(f"tiny LLaVA-1.5-shaped model, random weights: {LAYERS} layers, hidden {cfg.text_config.hidden_size}, "
           f"{SIDE}x{SIDE} = {SIDE * SIDE} image tokens, prompt {T} tokens, device {device}, {dtype}, "
@@ -279,18 +296,22 @@ def main(argv=None):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
         base, t_base = _timed(lambda: model.generate(**inputs, **gen_kw), device)
         base_bytes = _cache_bytes(tm.cache_of(base))
-        with topv.enable(model, keep_ratio=args.keep_ratio, method=args.method, layer=args.layer, kv=args.kv,
-                         **prune_kw) as s:
+        with topv.enable(model, keep_ratio=args.keep_ratio, method=args.method, **prune_kw) as s:
             s.sync_timing = True
             model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
             pruned, t_pruned = _timed(lambda: model.generate(**inputs, **gen_kw), device)
             info, K = s.last, s.settings.layer
     pruned_bytes = _cache_bytes(tm.cache_of(pruned))
     n = info.segments[0].token_index.numel()
-    print(f"\n{args.method} keep_ratio={args.keep_ratio} kv={args.kv}: image tokens kept {info.keep_counts[0]}/{n}"
+    where = "stage=vision" if args.stage == "vision" else f"kv={args.kv}"
+    print(f"\n{args.method} keep_ratio={args.keep_ratio} {where}: image tokens kept {info.keep_counts[0]}/{n}"
           + ("" if info.pruned else " (nothing pruned: the forward ran untouched)"))
-    print(f"tokens each layer sees in the prefill: layers 0..{K}: {info.input_length}, "
-          f"layers {K + 1}..{LAYERS - 1}: {info.pruned_length}")
+    if K < 0:
+        print(f"tokens each layer sees in the prefill: every layer (0..{LAYERS - 1}): {info.pruned_length} of "
+              f"{info.input_length} (pruned before the language model, scored in the vision encoder)")
+    else:
+        print(f"tokens each layer sees in the prefill: layers 0..{K}: {info.input_length}, "
+              f"layers {K + 1}..{LAYERS - 1}: {info.pruned_length}")
     print(f"KV-cache length per layer after prefill: {info.cache_lengths}")
     print(f"KV-cache bytes after {args.new_tokens} new tokens: unpruned {base_bytes / 1024:.1f} KiB, "
           f"pruned {pruned_bytes / 1024:.1f} KiB ({pruned_bytes / base_bytes:.0%})")
@@ -302,7 +323,7 @@ def main(argv=None):
     start = int(info.segments[0].token_index[0])
     top, recovery = split_kept(info, D.RECOVER_RATIO)
     k = info.keep_counts[0]
-    title = f"{args.method} keeps {k}/{n} tokens ({k / n:.0%})" + (
+    title = f"{args.method}{' (vision stage)' if K < 0 else ''} keeps {k}/{n} tokens ({k / n:.0%})" + (
         f": {top.numel()} top + {recovery.numel()} recovery" if recovery.numel() else "")
     writer = save_picture(args.out, image, top - start, recovery - start, SIDE, title)
     print(f"saved {args.out} ({writer}): " + ("top-scored and recovery patches framed in two colours, " if

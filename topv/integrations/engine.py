@@ -1,10 +1,16 @@
 """The hook engine: pruning inside a Hugging Face VLM's forward, for any scorer.
 
-During the prefill, layers 0..K run on every token; at layer K the engine captures what the scorer
-needs (``scorers/base.py``), gathers it at each segment's scored tokens, calls the scorer, and
-layers K+1.. run on the kept sequence only, every token at its original position. Decoding then
-continues on a cache whose layers hold different lengths (``kv="after_k"``) or one pruned length
-(``kv="all"``). ``docs/integration.md`` is the full statement.
+The layer stage: during the prefill, layers 0..K run on every token; at layer K the engine
+captures what the scorer needs (``scorers/base.py``), gathers it at each segment's scored tokens,
+calls the scorer, and layers K+1.. run on the kept sequence only, every token at its original
+position. Decoding then continues on a cache whose layers hold different lengths
+(``kv="after_k"``) or one pruned length (``kv="all"``).
+
+The vision stage is the same engine with K = -1 and ``kv="all"``: the source and target come from
+the vision encoder (the layer whose output the model uses, mapped to language-model tokens by the
+family), so layer 0 already runs on the kept sequence and every layer's cache holds only it.
+Positions stay the original ones, or become those of the shortened sequence (``positions=
+"compact"``). ``docs/integration.md`` is the full statement.
 
 Forward (pre-)hooks with kwargs on *this model instance's* modules only, nothing patched:
 
@@ -15,7 +21,11 @@ Forward (pre-)hooks with kwargs on *this model instance's* modules only, nothing
 * decoder layer K (pre-hook) and its ``post_attention_layernorm`` (hook): capture the source and the
   target; a scorer that reads attention weights gets layer K's attention run eagerly once;
 * decoder layer K+1 (pre-hook): scores, gathers the kept sequence, swaps ``hidden_states``,
-  ``attention_mask``, ``position_ids``, ``position_embeddings``; layers > K+1 get the same kwargs.
+  ``attention_mask``, ``position_ids``, ``position_embeddings``; layers > K+1 get the same kwargs;
+* vision stage: the encoder layer (pre-hook) and its post-attention norm (hook) capture the source
+  and target of every encoder call; where the family needs arguments of the encoder call
+  (LLaVA-NeXT's image sizes, which ``generate`` gives the encoder only), this instance's
+  ``get_image_features`` is wrapped to copy them.
 
 Inside the language model's forward nothing reads the device (with ``check_finite=False``): every
 size is known from the layout, and the kept set becomes slots through fixed-shape ops.
@@ -25,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -41,12 +53,15 @@ from topv.integrations.scorers import ScoreBatch, Scorer
 @dataclass(frozen=True)
 class Settings:
     """One ``apply``'s settings (exactly one of ``keep_ratio`` / ``keep`` is set); ``layer`` is
-    the last layer every token passes (the scorer's reading of the user's K)."""
+    the last layer every token passes (the scorer's reading of the user's K; -1 for the vision
+    stage, whose ``kv`` is "all"); ``positions`` "original" or "compact" (vision stage only)."""
 
     keep_ratio: float | None
     keep: int | None
     layer: int
     kv: str
+    stage: str = "layer"
+    positions: str = "original"
 
 
 @dataclass(eq=False)
@@ -58,6 +73,7 @@ class _Record:
     valid: torch.Tensor  # bool (B, L'): key validity of the pruned prefix
     pruned_layers: frozenset[int]  # layers whose cache holds only the pruned prefix
     all_valid: bool  # no padding slot in the pruned prefix
+    compact: bool  # positions follow the pruned sequence, not the unpruned request
 
 
 @dataclass(eq=False)
@@ -67,6 +83,8 @@ class _Prefill:
     source: torch.Tensor | None = None
     target: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    encoded: list | None = None  # vision stage: (source, target) tokens of each encoder call
+    rows: torch.Tensor | None = None  # vision stage: each scored token's row in the encoded tokens
     subst: dict | None = None  # kwargs every layer > K+1 receives
     info: PrefillInfo | None = None
 
@@ -123,8 +141,19 @@ class TopVSession:
         self._prefill: _Prefill | None = None
         self._decode: _Decode | None = None
         self._eager_attn = None  # (module, its own config) while layer K's attention runs eagerly
+        # Vision stage: what the encoder produced since the last prefill (it runs before the
+        # prefill's forward under generate, inside it otherwise), and the host time that took.
+        self._encoded: list = []
+        self._calls: list = []
+        self._vision_source: torch.Tensor | None = None
+        self._encoder_host = 0.0
+        self._wrapped = None  # (module, wrapper) while get_image_features is wrapped
 
     # ---- install / uninstall ----------------------------------------------------------------
+
+    @property
+    def vision(self) -> bool:
+        return self.settings.stage == "vision"
 
     def install(self):
         K = self.settings.layer
@@ -133,8 +162,15 @@ class TopVSession:
         h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         h.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True, always_call=True))
         # Layers < K see every token in the prefill and keep their own masks in decode: no hooks.
-        for i in range(K, self.n_layers):
+        for i in range(max(K, 0), self.n_layers):
             h.append(self.layers[i].register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+        if self.vision:
+            layer, norm = self.family.vision_layer(self.model)
+            h.append(layer.register_forward_pre_hook(self._capture_vision_source, with_kwargs=True))
+            h.append(norm.register_forward_hook(self._capture_vision_target))
+            if self.family.encoder_inputs:
+                self._wrap_encoder()
+            return
         if "target" in self.scorer.needs:
             h.append(self.layers[K].post_attention_layernorm.register_forward_hook(self._capture_target))
         if "attention" in self.scorer.needs:
@@ -145,7 +181,31 @@ class TopVSession:
             handle.remove()
         self.handles.clear()
         self._restore_attention()
-        self._pending = self._pending_inputs = self._prefill = self._decode = None
+        if self._wrapped is not None:
+            owner, wrapper = self._wrapped
+            if owner.__dict__.get("get_image_features") is wrapper:
+                del owner.get_image_features  # the class's method again
+            self._wrapped = None
+        self._pending = self._pending_inputs = self._prefill = self._decode = self._vision_source = None
+        self._encoded, self._calls, self._encoder_host = [], [], 0.0
+
+    def _wrap_encoder(self):
+        """Copy the arguments the family reads off each encoder call (``family.encoder_inputs``) to
+        the host, on this instance's ``get_image_features`` (the one ``generate`` and the forward
+        call). The encoder reads them on the host itself at that point."""
+        owner = self.model.model
+        original = owner.get_image_features
+        signature = inspect.signature(original)
+        names = self.family.encoder_inputs
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            given = signature.bind_partial(*args, **kwargs).arguments
+            self._calls.append({k: torch.as_tensor(given[k]).cpu() for k in names if given.get(k) is not None})
+            return original(*args, **kwargs)
+
+        owner.get_image_features = get_image_features
+        self._wrapped = (owner, get_image_features)
 
     # ---- layouts ----------------------------------------------------------------------------
 
@@ -198,6 +258,8 @@ class TopVSession:
             out = self._decode_positions(cache, input_ids, args, kwargs)
             self._count_decode(t0)
             return out
+        if self.vision:
+            self._check_vision_call(kwargs)
         if self._pinned is not None:
             return None
         if input_ids is None:
@@ -212,12 +274,24 @@ class TopVSession:
             self._pending = None if plan is None else (plan, time.perf_counter() - t0)
         return None
 
+    def _check_vision_call(self, kwargs):
+        """A forward that brings pixels runs the encoder now: what an earlier encoder call left is
+        stale. The capture layer was chosen from the config's ``vision_feature_layer``."""
+        if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            self._encoded, self._calls, self._encoder_host = [], [], 0.0
+        layer = kwargs.get("vision_feature_layer")
+        if layer is not None and layer != getattr(self.model.config, "vision_feature_layer", layer):
+            raise ValueError(f"topv: stage='vision' scores the encoder layer of the config's vision_feature_layer "
+                             f"({self.model.config.vision_feature_layer}); this call asks for {layer!r}")
+
     def _decode_positions(self, cache, input_ids, args, kwargs):
         """kv="all", a caller that passes no positions: the model would read them off the pruned
         cache; hand it those the unpruned model reads off its full one (M-RoPE families here, where
-        the VLM derives them; plain RoPE at the language model's pre-hook)."""
+        the VLM derives them; plain RoPE at the language model's pre-hook). Compacted positions are
+        set at the language model's pre-hook."""
         record = self.records.get(cache)
-        if record is None or len(record.pruned_layers) < self.n_layers or kwargs.get("position_ids") is not None:
+        if (record is None or len(record.pruned_layers) < self.n_layers or record.compact
+                or kwargs.get("position_ids") is not None):
             return None
         inp = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         start = record.input_length + cache.get_seq_length() - record.pruned_length
@@ -233,6 +307,8 @@ class TopVSession:
     def _lm_pre(self, module, args, kwargs):
         t0 = time.perf_counter()
         self._prefill = self._decode = None
+        encoded, calls, encoder_host = self._encoded, self._calls, self._encoder_host
+        self._encoded, self._calls, self._encoder_host = [], [], 0.0
         cache = _cache_of(kwargs)
         record = self.records.get(cache) if cache is not None else None
         if record is not None and cache.get_seq_length() == 0:
@@ -267,8 +343,30 @@ class TopVSession:
         if emb is not None and tuple(emb.shape[:2]) != (plan.batch, plan.input_length):
             raise ValueError(f"topv: the layout was read for inputs of shape {(plan.batch, plan.input_length)}; the "
                              f"language model got {tuple(emb.shape[:2])}")
-        self._prefill = _Prefill(plan, host_seconds=host + time.perf_counter() - t0)
+        p = _Prefill(plan)
+        if self.vision and not plan.skip:
+            p.encoded, p.rows = encoded, self._vision_rows(plan, encoded, calls)
+            host += encoder_host
+        p.host_seconds = host + time.perf_counter() - t0
+        self._prefill = p
         return None
+
+    def _vision_rows(self, plan: Plan, encoded: list, calls: list) -> torch.Tensor:
+        """Each scored token's row in the encoder calls' tokens (built once per layout and call
+        inputs); checks that the encoder ran for exactly these images, by shapes only."""
+        if not encoded:
+            raise RuntimeError("topv: stage='vision' scores the vision encoder's states, but the encoder did not run "
+                               "under topv for this prefill (were the images encoded before topv.apply?)")
+        key = tuple(tuple((k, tuple(v.shape), v.numpy().tobytes()) for k, v in sorted(c.items())) for c in calls)
+        rows = plan.vision_rows.get(key)
+        if rows is None:
+            index, total = self.family.vision_rows(plan.segments, calls)
+            rows = plan.vision_rows[key] = (index.to(plan.device, non_blocking=True), total)
+        got = sum(source.shape[0] for source, _ in encoded)
+        if got != rows[1]:
+            raise ValueError(f"topv: the vision encoder gave {got} language-model tokens for this prefill; its "
+                             f"{len(plan.segments)} images and videos need {rows[1]}")
+        return rows[0]
 
     def _start_decode(self, record: _Record, cache, args, kwargs):
         inp = kwargs.get("inputs_embeds")
@@ -292,7 +390,12 @@ class TopVSession:
                 kwargs["attention_mask"] = torch.cat([record.valid.to(attn.dtype), attn[:, record.input_length:]], 1)
             elif not record.all_valid:
                 kwargs["attention_mask"] = torch.cat([record.valid, record.valid.new_ones(B, new)], 1).long()
-            if kwargs.get("position_ids") is None:
+            given = kwargs.get("position_ids")
+            if record.compact:  # after the pruned prefix, whatever the caller computed from the request
+                start = record.pruned_length + new - q
+                pos = torch.arange(start, start + q, device=inp.device)
+                kwargs["position_ids"] = pos.expand(B, q) if given is None else pos.expand(given.shape)
+            elif given is None:
                 start = record.input_length + new - q
                 kwargs["position_ids"] = torch.arange(start, start + q, device=inp.device).unsqueeze(0).expand(B, -1)
             return args, kwargs
@@ -300,6 +403,16 @@ class TopVSession:
         # the first of them.
         self._decode = _Decode(record, attn, B, new, q)
         return None
+
+    def _capture_vision_source(self, module, args, kwargs):
+        self._vision_source = _hidden(args, kwargs)
+
+    def _capture_vision_target(self, module, args, output):
+        t0 = time.perf_counter()
+        with self._range():
+            source, self._vision_source = self._vision_source, None
+            self._encoded.append((self.family.vision_tokens(source), self.family.vision_tokens(output)))
+        self._encoder_host += time.perf_counter() - t0
 
     def _capture_target(self, module, args, output):
         p = self._prefill
@@ -383,16 +496,21 @@ class TopVSession:
         hs = _hidden(args, kwargs)
         B, T = hs.shape[:2]
         needs = self.scorer.needs
-        if ("source" in needs and p.source is None) or ("target" in needs and p.target is None) or (
-                "attention" in needs and p.attention is None):
+        if p.encoded is None and (("source" in needs and p.source is None) or ("target" in needs and p.target is None)
+                                  or ("attention" in needs and p.attention is None)):
             raise RuntimeError(f"topv: layer {self.settings.layer}'s {sorted(needs)} were not captured")
         flat = plan.flat_scored
-        batch = ScoreBatch(plan.lengths, plan.keeps, plan.positions,
-                           source=None if p.source is None else p.source.reshape(B * T, -1).index_select(0, flat),
-                           target=None if p.target is None else p.target.reshape(B * T, -1).index_select(0, flat),
-                           attention=None if p.attention is None else p.attention.reshape(-1).index_select(0, flat),
-                           tables=plan.score_tables)
-        p.source = p.target = p.attention = None
+        if p.encoded is not None:  # vision stage: the encoder's tokens, in the plan's order
+            source, target = (torch.cat(x) if len(x) > 1 else x[0] for x in zip(*p.encoded))
+            batch = ScoreBatch(plan.lengths, plan.keeps, plan.positions, source=source.index_select(0, p.rows),
+                               target=target.index_select(0, p.rows), tables=plan.score_tables)
+        else:
+            batch = ScoreBatch(plan.lengths, plan.keeps, plan.positions,
+                               source=None if p.source is None else p.source.reshape(B * T, -1).index_select(0, flat),
+                               target=None if p.target is None else p.target.reshape(B * T, -1).index_select(0, flat),
+                               attention=None if p.attention is None else p.attention.reshape(-1).index_select(0, flat),
+                               tables=plan.score_tables)
+        p.source = p.target = p.attention = p.encoded = None
         if self.sync_timing and hs.is_cuda:
             torch.cuda.synchronize(hs.device)
         t1 = time.perf_counter()
@@ -407,22 +525,32 @@ class TopVSession:
         keep = plan.keep_base.clone().index_fill_(0, flat[kept], True)
         index = torch.searchsorted(keep.view(B, T).cumsum(1), plan.want)
         flat_index = index + plan.row_start
+        new_hs = gather_seq(hs, index, flat_index)
         subst = {"attention_mask": plan.mask(self.impl, hs.dtype)}
         pe = kwargs.get("position_embeddings")
-        if pe is not None:
-            subst["position_embeddings"] = tuple(gather_seq(t, index, flat_index) for t in pe)
         pid = kwargs.get("position_ids")
+        if self.settings.positions == "compact":
+            # The positions of the pruned sequence itself: slot j at j, on every M-RoPE axis.
+            slots = torch.arange(plan.pruned_length, device=hs.device).expand(B, -1)
+            subst["position_embeddings"] = self.lm.rotary_emb(
+                new_hs, slots if self.family.rope_axes == 1 else slots.expand(self.family.rope_axes, B, -1))
+            if pid is not None:
+                pid = slots.expand(*pid.shape[:-2], B, -1)
+        else:
+            if pe is not None:
+                subst["position_embeddings"] = tuple(gather_seq(t, index, flat_index) for t in pe)
+            if pid is not None:
+                pid = gather_positions(pid, index)
         if is_flash(self.impl):
             subst["position_ids"] = None  # gapped positions would look like packed sequences
         elif pid is not None:
-            subst["position_ids"] = gather_positions(pid, index)
+            subst["position_ids"] = pid
         p.subst = subst
-        new_hs = gather_seq(hs, index, flat_index)
         p.info = PrefillInfo(
             method=self.scorer.name, input_length=T, pruned_length=plan.pruned_length, segments=plan.segments,
             keep_counts=plan.keeps, kept=list(torch.split(plan.tok_scored[kept], plan.keeps)),
             scores=None if scores is None else list(torch.split(scores, plan.lengths)), index=index,
-            valid=plan.valid, score_seconds=score_seconds)
+            valid=plan.valid, score_seconds=score_seconds, stage=self.settings.stage)
         kwargs.update(subst)
         if args:
             args = (new_hs, *args[1:])
@@ -467,7 +595,8 @@ class TopVSession:
                 pruned = frozenset(range(self.n_layers))
             else:
                 pruned = frozenset(range(K + 1, self.n_layers))
-            self.records[cache] = _Record(info.input_length, info.pruned_length, plan.valid, pruned, plan.all_valid)
+            self.records[cache] = _Record(info.input_length, info.pruned_length, plan.valid, pruned, plan.all_valid,
+                                          self.settings.positions == "compact")
         if cache is not None:
             info.cache_lengths = [cache.get_seq_length(i) for i in range(self.n_layers)]
         info.host_seconds = p.host_seconds + time.perf_counter() - t0
@@ -480,7 +609,7 @@ class TopVSession:
         index = torch.arange(T, device=plan.device).expand(B, T)
         return PrefillInfo(method=self.scorer.name, input_length=T, pruned_length=T, segments=plan.segments,
                            keep_counts=plan.keeps, kept=list(torch.split(plan.tok_scored, plan.lengths)), scores=None,
-                           index=index, valid=plan.valid_in, pruned=False)
+                           index=index, valid=plan.valid_in, pruned=False, stage=self.settings.stage)
 
 
 def _to_host(tensors: dict) -> dict:

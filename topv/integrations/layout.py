@@ -10,21 +10,21 @@ benchmark, a batch of same-size images and prompts) costs no host work at all.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
 
 from topv.integrations.masks import build_mask
 from topv.integrations.records import Segment
+from topv.serving import kept_count
 
 
 def budget(n: int, keep_ratio: float | None, keep: int | None) -> int:
-    """Tokens kept of a segment of n scored tokens: ``min(keep, n)``, or ``round(keep_ratio * n)``
-    (half up) but at least 1."""
+    """Tokens kept of a segment of n scored tokens: ``min(keep, n)``, or
+    :func:`topv.serving.kept_count` (the rule engines size their placeholders by)."""
     if keep is not None:
         return min(keep, n)
-    return min(n, max(1, math.floor(keep_ratio * n + 0.5)))
+    return kept_count(n, keep_ratio)
 
 
 class Plan:
@@ -80,6 +80,7 @@ class Plan:
         self.last_token = last.to(**to)
         self.row_start = (torch.arange(B) * T)[:, None].to(**to)  # (B, 1): row b's offset in (B * T) rows
         self.score_tables: dict = {}  # ScoreBatch.tables: the scorer's own per-layout tables
+        self.vision_rows: dict = {}  # vision stage: (rows, total) per encoder-call inputs (Family.vision_rows)
         self._masks: dict = {}
 
     def mask(self, impl: str, dtype: torch.dtype):

@@ -21,18 +21,20 @@ class Segment:
     order; ``positions`` (float32 (n, 2)) their (row, col) centres in the image plane [0, 1]^2;
     ``unscored`` the image's other tokens (LLaVA-NeXT's newline tokens, a CLIP CLS feature), which
     every method keeps. ``kind`` is "image" or "video" (a video's frames share one plane and one
-    budget)."""
+    budget). ``grid`` is (t, h, w) when the scored tokens are one grid of t frames in (frame, row,
+    col) order (LLaVA-1.5, Qwen), None for layouts in several parts (LLaVA-NeXT, InternVL)."""
 
     row: int
     token_index: torch.Tensor
     positions: torch.Tensor
     kind: str = "image"
     unscored: torch.Tensor = field(default_factory=_empty_index)
+    grid: tuple[int, int, int] | None = None
 
 
 @dataclass
 class PrefillInfo:
-    """What the latest prefill did (``session.last``), the same for every scorer.
+    """What the latest prefill did (``session.last``), the same for every scorer and both stages.
 
     ``segments`` and ``keep_counts`` (one budget per segment) are host data; ``kept[i]`` (int64,
     ascending) are the kept token indices of ``segments[i]`` in the input row, and ``scores[i]``
@@ -44,6 +46,8 @@ class PrefillInfo:
     capture, the scorer's call, gather, masks, positions); ``score_seconds`` the scorer's call alone
     (device time when ``session.sync_timing`` is set, host time otherwise). When every budget keeps
     every token (``pruned`` False) the forward ran untouched and ``index`` is the identity.
+    ``stage`` is "layer" (pruned after decoder layer K) or "vision" (pruned before layer 0, scored
+    from the vision encoder).
     """
 
     method: str
@@ -59,3 +63,4 @@ class PrefillInfo:
     cache_lengths: list[int] | None = None
     host_seconds: float = 0.0
     score_seconds: float | None = None
+    stage: str = "layer"

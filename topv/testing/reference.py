@@ -13,12 +13,18 @@ For a prompt of N tokens followed by G generated tokens, with K the last layer e
   generated token sees every prompt token (``kv="after_k"``) or only the kept ones (``kv="all"``:
   the pruned ones were evicted from those layers' caches), and the generated tokens up to itself.
 * layers K+1.. run on [text tokens and kept visual tokens of the prompt, in order] + generated
-  tokens with a plain causal mask; every token keeps its original (M-)RoPE position.
+  tokens with a plain causal mask; every token keeps its original (M-)RoPE position, or (compact
+  positions) the sequence gets 0, 1, 2, ... on every axis.
+
+The vision stage is K = -1: every layer runs on the shortened sequence. Its kept set is a function
+of the vision encoder's states, which :func:`vision_states` recomputes for one prompt with the
+model's own code for turning patches into language-model tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,11 +96,12 @@ def _rope(lm, x, p):
 class LayerStates:
     """Layer K of one prompt under a plain causal mask: ``source`` its input (N, d), ``target`` its
     post-attention-norm output (N, d), ``attention`` the last prompt token's attention weights in
-    that layer, averaged over heads (N,)."""
+    that layer, averaged over heads (N,). :func:`vision_states` fills the first two from the vision
+    encoder instead (no attention)."""
 
     source: torch.Tensor
     target: torch.Tensor
-    attention: torch.Tensor
+    attention: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -114,14 +121,115 @@ def layer_states(model, prompt: Prompt, layer: int) -> LayerStates:
     return LayerStates(h[0], target[0], w[0, :, -1, :].float().mean(0))
 
 
+def _encoder_layer(model):
+    """The vision encoder layer whose output the model uses, and its norm after attention."""
+    cfg, mm = model.config, model.model
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        block = mm.visual.blocks[-1]  # the merger reads the last block's output
+        return block, block.norm2
+    tower = mm.vision_tower
+    if cfg.model_type == "internvl":
+        layers, norm = tower.encoder.layer, "layernorm_after"
+    else:
+        layers, norm = getattr(tower, "vision_model", tower).encoder.layers, "layer_norm2"
+    # hidden_states[0] is the encoder's input, hidden_states[j] the output of layer j - 1
+    layer = layers[cfg.vision_feature_layer % (len(layers) + 1) - 1]
+    return layer, getattr(layer, norm)
+
+
+def _token_rows(model, inputs: dict, calls: list) -> list[tuple[int, torch.Tensor]]:
+    """Per encoder call: the image token id its features fill, and for each of those tokens (in
+    order) the encoder rows (flattened over the call's items) it merges, -1 where the token holds
+    no encoder feature (LLaVA-NeXT's newlines). Derived with the model's own merge code."""
+    cfg, mm = model.config, model.model
+    x = calls[0]
+    mt = cfg.model_type
+    if mt == "llava":
+        P = x.shape[1]
+        rows = torch.arange(x.shape[0] * P).view(-1, P)
+        rows = rows[:, 1:] if cfg.vision_feature_select_strategy == "default" else rows
+        return [(cfg.image_token_id, rows.reshape(-1, 1))]
+    if mt == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        P = x.shape[1]
+        index = torch.arange(x.shape[0] * P, dtype=torch.float64).view(x.shape[0], P, 1)[:, 1:]
+        crops = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                 for size in inputs["image_sizes"].tolist()]
+        packed, _ = mm.pack_image_features(list(torch.split(index, crops)), inputs["image_sizes"], "default",
+                                           image_newline=torch.tensor([-1.0], dtype=torch.float64))
+        return [(cfg.image_token_id, torch.cat(packed).long())]
+    if mt == "internvl":
+        P = x.shape[1]
+        side = math.isqrt(P - 1)
+        index = (torch.arange(x.shape[0] * P).view(-1, P)[:, 1:]).double().view(-1, side, side, 1)
+        shuffled = mm.pixel_shuffle(index, scale_factor=cfg.downsample_ratio)
+        return [(cfg.image_token_id, shuffled.reshape(-1, shuffled.shape[-1]).long())]
+    # Qwen: one call for the images, then one for the videos; the merger reads m*m consecutive rows.
+    m2 = cfg.vision_config.spatial_merge_size ** 2
+    out = []
+    kinds = [(cfg.image_token_id, "image_grid_thw"), (cfg.video_token_id, "video_grid_thw")]
+    for (token_id, key), x in zip([k for k in kinds if inputs.get(k[1]) is not None], calls):
+        rows = torch.arange(x.shape[0]).view(-1, m2)
+        if mt == "qwen2_5_vl":
+            visual, grid = mm.visual, inputs[key]
+            if hasattr(visual, "get_window_index"):
+                window_index = visual.get_window_index(grid)[0]
+            else:
+                from transformers.vision_utils import get_vision_window_index
+
+                vc = cfg.vision_config
+                window_index = get_vision_window_index(grid, spatial_merge_size=vc.spatial_merge_size,
+                                                       window_size=vc.window_size, patch_size=vc.patch_size)[0]
+            rows = rows[torch.argsort(window_index)]  # the blocks hold the runs in window order
+        out.append((token_id, rows))
+    return out
+
+
+@torch.no_grad()
+def vision_states(model, inputs: dict) -> LayerStates:
+    """The vision stage's source and target of one unpadded prompt (batch 1) at its input
+    positions, (N, d_vision), zero at tokens without an encoder feature; ``attention`` is None.
+    A language-model token that merges several patches gets their mean."""
+    layer, norm = _encoder_layer(model)
+    sources, targets = [], []
+
+    def source(mod, args, kwargs):
+        sources.append(args[0] if args else kwargs["hidden_states"])
+
+    def target(mod, args, out):
+        targets.append(out)
+
+    h1 = layer.register_forward_pre_hook(source, with_kwargs=True)
+    h2 = norm.register_forward_hook(target)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    ids = inputs["input_ids"][0]
+    states = []
+    for calls in (sources, targets):
+        out = torch.zeros(ids.numel(), calls[0].shape[-1], dtype=calls[0].dtype)
+        for (token_id, rows), x in zip(_token_rows(model, inputs, calls), calls):
+            flat = x.reshape(-1, x.shape[-1])
+            feats = torch.stack([flat[r[r >= 0]].mean(0) if bool((r >= 0).any()) else torch.zeros(flat.shape[-1])
+                                 for r in rows])
+            out[ids == token_id] = feats
+        states.append(out)
+    return LayerStates(states[0], states[1], None)
+
+
 @torch.no_grad()
 def reference_logits(model, prompt: Prompt, kept: torch.Tensor, generated: torch.Tensor, *, layer: int,
-                     kv: str = "after_k"):
+                     kv: str = "after_k", positions: str = "original"):
     """Logits of the prompt's kept positions (L, V) and of each decode step (G + 1, V).
 
-    ``kept``: bool (N,), the prompt tokens layers > ``layer`` see; ``generated``: the G tokens fed
-    after the prompt (teacher forcing). step_logits[0] is the prompt's last position,
-    step_logits[t] the logits after generated token t-1."""
+    ``kept``: bool (N,), the prompt tokens layers > ``layer`` see (-1: every layer, the vision
+    stage); ``generated``: the G tokens fed after the prompt (teacher forcing). With ``positions=
+    "compact"`` the layers > ``layer`` see the kept prompt tokens and the generated ones at 0, 1,
+    2, ... step_logits[0] is the prompt's last position, step_logits[t] the logits after
+    generated token t-1."""
     lm = model.model.language_model
     emb, pos = prompt.embeds, prompt.positions
     N, G = emb.shape[0], generated.numel()
@@ -147,7 +255,10 @@ def reference_logits(model, prompt: Prompt, kept: torch.Tensor, generated: torch
         h = h[:, late]
         j = torch.arange(h.shape[1])
         mask2 = _additive(j[None, :] <= j[:, None], dtype)
-        pe2 = _rope(lm, x[late], allpos[..., late])
+        late_pos = allpos[..., late]
+        if positions == "compact":
+            late_pos = torch.arange(late_pos.shape[-1]).expand(late_pos.shape)
+        pe2 = _rope(lm, x[late], late_pos)
         for li in range(layer + 1, len(lm.layers)):
             h = lm.layers[li](h, attention_mask=mask2, position_embeddings=pe2, position_ids=None)
     logits = model.lm_head(lm.norm(h))[0]

@@ -19,7 +19,8 @@ PAD_ID = 0
 
 
 def llava_config(*, text_layers=4, hidden=64, heads=4, kv_heads=2, inter=128, vocab=128, image_size=28, patch=4,
-                 vision_hidden=32, vision_layers=1, vision_heads=2, attn="sdpa", text_model="llama"):
+                 vision_hidden=32, vision_layers=1, vision_heads=2, vision_feature_layer=-1, attn="sdpa",
+                 text_model="llama"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vc = CLIPVisionConfig(image_size=image_size, patch_size=patch, hidden_size=vision_hidden,
@@ -28,7 +29,8 @@ def llava_config(*, text_layers=4, hidden=64, heads=4, kv_heads=2, inter=128, vo
     tc = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=text_layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                      max_position_embeddings=4096, pad_token_id=PAD_ID)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=vocab - 1, vision_feature_layer=-1,
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=vocab - 1,
+                      vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
     cfg._attn_implementation = attn
     return cfg
@@ -259,17 +261,18 @@ def llava_next_inputs(config, prompts, *, padding_side="left", seed=0, dtype=tor
 
 
 def internvl_config(*, text_layers=4, hidden=64, heads=4, kv_heads=2, inter=128, vocab=128, image_size=32, patch=4,
-                    vision_hidden=32, attn="sdpa"):
+                    vision_hidden=32, vision_layers=1, vision_feature_layer=-1, attn="sdpa"):
     from transformers import InternVLConfig
 
     q = image_size // patch // 2  # pixel shuffle with downsample_ratio 0.5
-    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=1,
+    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
                   num_attention_heads=2, image_size=[image_size, image_size], patch_size=[patch, patch])
     text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=text_layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                 max_position_embeddings=4096, pad_token_id=PAD_ID)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1, image_seq_length=q * q,
-                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         downsample_ratio=0.5, vision_feature_layer=vision_feature_layer,
+                         vision_feature_select_strategy="default",
                          projector_hidden_act="gelu")
     cfg._attn_implementation = attn
     return cfg

@@ -1,11 +1,26 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): every image is s x s patch tokens in row-major
 order (s = image_size / patch_size), plus a leading CLS feature under the ``full`` feature strategy
-(kept, not scored). Images may sit back to back, so a row's image tokens are cut every s*s (+1)."""
+(kept, not scored). Images may sit back to back, so a row's image tokens are cut every s*s (+1).
+
+Vision stage: the CLIP (or SigLIP) encoder layer whose output ``vision_feature_layer`` selects; each
+image is one encoder item whose last s*s tokens are the patches, one language-model token each."""
 
 from __future__ import annotations
 
-from topv.integrations.families.base import Family, grid
+import torch
+
+from topv.integrations.families.base import Family, feature_layer, grid, submodule
 from topv.integrations.records import Segment
+
+
+def clip_layer(model, config, name: str):
+    """The CLIP/SigLIP encoder layer whose output ``config.vision_feature_layer`` selects, and its
+    post-attention norm (``layer_norm2``)."""
+    tower = submodule(model, "model.vision_tower", name)
+    tower = getattr(tower, "vision_model", tower)  # some transformers versions wrap the encoder in .vision_model
+    layers = submodule(tower, "encoder.layers", name)
+    layer = layers[feature_layer(config.vision_feature_layer, len(layers), name)]
+    return layer, submodule(layer, "layer_norm2", name)
 
 
 class Llava(Family):
@@ -30,5 +45,16 @@ class Llava(Family):
                                  f"{per_image} tokens of one {self.name} image")
             for img in where.view(-1, per_image):
                 head = img[: int(self.cls)]
-                out.append(Segment(b, img[int(self.cls):], pos, "image", head))
+                out.append(Segment(b, img[int(self.cls):], pos, "image", head, (1, self.side, self.side)))
         return out
+
+    def vision_tokens(self, x):
+        s2 = self.side * self.side
+        return x[:, x.shape[1] - s2:].reshape(-1, x.shape[-1])  # the encoder's CLS token (if any) comes first
+
+    def vision_rows(self, segments, calls):
+        s2 = self.side * self.side
+        return torch.arange(len(segments) * s2), len(segments) * s2
+
+    def vision_layer(self, model):
+        return clip_layer(model, self.config, self.name)

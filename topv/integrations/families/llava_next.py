@@ -8,13 +8,21 @@ H' and W' follow from ``image_sizes`` (the processor's output: what a serving en
 Hugging Face ``generate`` encodes the images before the prefill and passes no sizes; then the
 layout is read off the embeddings themselves: ``image_newline_mask`` (B, T), True where a token's
 embedding equals the learned ``image_newline`` vector, computed on the device and read with the
-rest of the layout."""
+rest of the layout.
+
+Vision stage: the CLIP encoder layer ``vision_feature_layer`` selects, run on every crop of every
+image (the base view, then the nh x nw high-resolution crops). Base token j is patch j of the base
+crop; grid token (r, c) is the patch at (r, c) of the crops tiled into an (nh*s) x (nw*s) grid,
+shifted by the rows (or columns) that unpadding removed from each side. The crop arrangement
+(nh, nw) follows from ``image_sizes`` and cannot be recovered from the unpadded grid (images of
+one grid shape can have different crops), so the engine reads the sizes off the encoder's call."""
 
 from __future__ import annotations
 
 import torch
 
 from topv.integrations.families.base import Family, grid
+from topv.integrations.families.llava import clip_layer
 from topv.integrations.records import Segment
 
 
@@ -22,6 +30,7 @@ class LlavaNext(Family):
     name = "LLaVA-NeXT"
     classes = "LlavaNextForConditionalGeneration"
     inputs = ("image_sizes", "image_newline_mask")
+    encoder_inputs = ("image_sizes",)
 
     def __init__(self, config, image_newline=None):
         super().__init__(config)
@@ -38,12 +47,18 @@ class LlavaNext(Family):
             raise ValueError("topv: reading LLaVA-NeXT's layout off the embeddings needs the image_newline vector")
         return {"image_newline_mask": (embeds == self.newline.to(embeds.dtype)).all(-1)}
 
+    def crops(self, size) -> tuple[int, int]:
+        """(nh, nw): the arrangement of the high-resolution crops of an image of ``size`` = (height, width) px."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        return get_anyres_image_grid_shape(list(size), self.config.image_grid_pinpoints,
+                                           self.config.vision_config.image_size)
+
     def grid_shape(self, size) -> tuple[int, int]:
         """(H', W'): the unpadded high-resolution grid of an image of ``size`` = (height, width) px."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-        vc = self.config.vision_config
-        nh, nw = get_anyres_image_grid_shape(list(size), self.config.image_grid_pinpoints, vc.image_size)
+        nh, nw = self.crops(size)
         h, w = unpad_image(torch.empty(0, nh * self.side, nw * self.side), torch.tensor(list(size))).shape[1:]
         return h, w
 
@@ -103,3 +118,29 @@ class LlavaNext(Family):
         if n_images is not None and k != n_images:
             raise ValueError(f"topv: `image_sizes` lists {n_images} images; input_ids hold {k}")
         return out
+
+    def vision_tokens(self, x):
+        s2 = self.side * self.side
+        return x[:, x.shape[1] - s2:].reshape(-1, x.shape[-1])  # the encoder's CLS token comes first
+
+    def vision_rows(self, segments, calls):
+        sizes = [size for call in calls for size in call["image_sizes"].tolist()]
+        if len(sizes) != len(segments):
+            raise ValueError(f"topv: the vision encoder was given {len(sizes)} image sizes for {len(segments)} "
+                             f"{self.name} images")
+        s = self.side
+        rows, crop = [], 0
+        for k, (seg, size) in enumerate(zip(segments, sizes)):
+            (nh, nw), (h, w) = self.crops(size), self.grid_shape(size)
+            if seg.token_index.numel() != s * s + h * w:
+                raise ValueError(f"topv: image {k} of size {size} has a {h}x{w} grid ({s * s + h * w} scored tokens); "
+                                 f"its segment has {seg.token_index.numel()}")
+            r = torch.arange(h)[:, None] + (nh * s - h) // 2  # unpadding removes the same count from each side
+            c = torch.arange(w)[None, :] + (nw * s - w) // 2
+            tile = crop + 1 + (r // s) * nw + c // s
+            rows += [crop * s * s + torch.arange(s * s), (tile * s * s + (r % s) * s + c % s).reshape(-1)]
+            crop += 1 + nh * nw
+        return torch.cat(rows), crop * s * s
+
+    def vision_layer(self, model):
+        return clip_layer(model, self.config, self.name)

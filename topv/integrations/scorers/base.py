@@ -9,6 +9,11 @@ The engine captures exactly that, gathers it at the scored tokens of every segme
 with a :class:`ScoreBatch`. The answer is the kept positions into that packed order: exactly
 ``keeps[i]`` of segment i, ascending within each segment, segments in order.
 
+In the vision stage (``stage="vision"``) the source and target are the vision encoder's instead:
+the hidden states entering the encoder layer whose output the model uses and that layer's norm
+output after its attention block, one row per language-model token; attention weights do not
+exist there, so scorers that need them are refused at ``apply``.
+
 Nothing here touches hooks or a model: the same scorer can serve another engine that packs its
 segments the same way.
 """
