@@ -140,17 +140,21 @@ def launch_table(device=None, commit=None) -> str:
         if out else "(no run)"
 
 
-def e2e_table(device=GPU, commit=None) -> str:
+def e2e_table(device=GPU, commit=None, runs=2) -> str:
+    """The latest ``runs`` runs (one per commit), newest first: each run's speed-ups are against its own
+    unpruned rows, since the host's speed (launch-bound decode, B=1 prefill) differs between machines."""
     rows = read_rows(RESULTS, "e2e", device)
     if commit:
         rows = [r for r in rows if r["commit"].split("+")[0] == commit]
-    if not rows:
-        return "(no run)"
-    last = max(r["commit"] for r in rows[-1:])  # the latest commit's runs (one per setup and batch)
-    rows = [r for r in rows if r["commit"] == last]
+    commits = list(dict.fromkeys(r["commit"] for r in rows))[-runs:]
+    blocks = [_e2e_run([r for r in rows if r["commit"] == c]) for c in reversed(commits)]
+    return "\n\n".join(blocks) if blocks else "(no run)"
+
+
+def _e2e_run(rows) -> str:
     r0 = rows[0]
     out = [f"End to end, random bf16 weights (speed and memory depend on the shapes only), attention {r0['attn']} "
-           f"({r0['device']}, commit {last}, {r0['time_utc'][:10]}; torch "
+           f"({r0['device']}, commit {r0['commit']}, {r0['time_utc'][:10]}; torch "
            f"{r0['torch']}, transformers {r0['transformers']}). TTFT: one prefill, eager; decode: ms per token, "
            "median (p10-p90) of single steps; step: the host / device ms of everything pruning adds to a prefill; "
            "LM graph: the language model's prefill replayed from a CUDA graph.", "",
@@ -170,7 +174,6 @@ def e2e_table(device=GPU, commit=None) -> str:
                    f"{f(r['decode_ms'], 2)} ({f(r['decode_p10_ms'], 1)}-{f(r['decode_p90_ms'], 1)}) | {f(r['kv_mib'], 0)} | "
                    f"{f(r['peak_mib'], 0)} | {step} | {f(r['lm_graph_ms'])} |")
     return "\n".join(out)
-
 
 TABLES = {"prune-gpu": prune_table, "sinkhorn-gpu": sinkhorn_table, "prune-cpu": cpu_table, "launch": launch_table,
           "e2e-gpu": e2e_table}
