@@ -104,6 +104,25 @@ def test_random_is_reproducible():
     assert [x.numel() for x in a] == [x.numel() for x in c]
 
 
+def test_random_is_uniform_and_draws_no_generator():
+    """The random scores are a counter-based hash: uniform over [0, 1), distinct per token, and the
+    global generator is left alone (no generator is what lets the scorer run under CUDA-graph capture)."""
+    from topv.integrations.scorers.random import _hash32
+
+    index = torch.arange(1 << 16)
+    bits = _hash32(index ^ 12345)
+    assert bits.unique().numel() == index.numel() and int(bits.max()) < 2**32 and int(bits.min()) >= 0
+    counts = torch.histc((bits >> 8).float() * 2.0**-24, bins=16, min=0, max=1)
+    assert (counts - 4096).abs().max() < 4 * 4096**0.5  # 16 bins of 4096 expected each: within ~4 sigma
+
+    cfg, m = model("llava")
+    batch = inputs("llava", cfg)
+    state = torch.random.get_rng_state()
+    with torch.no_grad(), topv.enable(m, keep_ratio=0.5, method="random"):
+        m(**batch)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
 class KeepLast(Scorer):
     """A custom scorer: the last tokens of each image (reads nothing)."""
 
