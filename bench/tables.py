@@ -4,8 +4,8 @@
     python bench/tables.py --write    # rewrite the README's tables (between <!-- table: NAME --> and <!-- /table -->)
     python bench/tables.py --check    # exit 1 when the README's tables differ from the CSVs (a test runs this)
 
-Each table shows one run: the latest rows of its (device, benchmark) by time, or the run of the
-commit named in TABLES. A cell is a median in µs (ms for CPU) as the benchmark measured it.
+Each table shows one run: the latest rows of its (device, benchmark) by time, or the run of a
+given commit; the end-to-end table shows the latest two runs, one block each. A cell is a median in µs (ms for CPU) as the benchmark measured it.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ def _runs(rows: list[dict]) -> list[str]:
     return sorted({r["time_utc"] for r in rows})
 
 
+def _of_commit(rows: list[dict], commit: str | None) -> list[dict]:
+    """The rows of ``commit`` (a dirty tree's ``<sha>+`` included); every row when None."""
+    return [r for r in rows if r["commit"].split("+")[0] == commit] if commit else rows
+
+
 def _pick(rows: list[dict], commit: str | None = None) -> list[dict]:
     """The rows of one run: the latest, or the latest one of ``commit``."""
-    if commit:
-        rows = [r for r in rows if r["commit"].split("+")[0] == commit]
+    rows = _of_commit(rows, commit)
     if not rows:
         return []
     last = _runs(rows)[-1]
@@ -143,9 +147,7 @@ def launch_table(device=None, commit=None) -> str:
 def e2e_table(device=GPU, commit=None, runs=2) -> str:
     """The latest ``runs`` runs (one per commit), newest first: each run's speed-ups are against its own
     unpruned rows, since the host's speed (launch-bound decode, B=1 prefill) differs between machines."""
-    rows = read_rows(RESULTS, "e2e", device)
-    if commit:
-        rows = [r for r in rows if r["commit"].split("+")[0] == commit]
+    rows = _of_commit(read_rows(RESULTS, "e2e", device), commit)
     commits = list(dict.fromkeys(r["commit"] for r in rows))[-runs:]
     blocks = [_e2e_run([r for r in rows if r["commit"] == c]) for c in reversed(commits)]
     return "\n\n".join(blocks) if blocks else "(no run)"

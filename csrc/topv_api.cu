@@ -29,6 +29,15 @@ using namespace detail;
 
 constexpr int kRowWarps = 8;
 
+// The GEMM's arguments, with the cost formula's constants (docs/algorithm.md) derived from the
+// user's parameters in one place.
+GemmArgs gemm_args(const void* S, const void* T, int64_t lds, int64_t ldt, int64_t d, DType dtype, const float* P,
+                   const float* Q, int64_t p_rs, int64_t q_rs, float* C, const int* done, const CostParams& c) {
+  GemmArgs g{S, T, lds, ldt, d, P, Q, p_rs, q_rs, C, done, 0.5f * c.alpha, c.beta, -1.0f / (2.0f * c.sigma * c.sigma),
+             c.gamma};
+  g.dtype = dtype;
+  return g;
+}
 
 int sm_count() {
   int dev = 0, sms = 132;
@@ -321,7 +330,6 @@ PruneWs prune_layout(const PruneArgs& a, const std::vector<Group>& groups, void*
   return w;
 }
 
-
 }  // namespace
 
 // ------------------------------------------------------------------ cost_matrix
@@ -330,10 +338,8 @@ size_t cost_matrix_workspace_size(const CostArgs&) { return 0; }  // norms are c
 
 cudaError_t cost_matrix(const CostArgs& a, float* out, void*, size_t, cudaStream_t st) {
   if (!cost_args_ok(a)) return cudaErrorInvalidValue;
-  GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.src_pos, a.tgt_pos,
-              a.src_pos_row_stride, a.tgt_pos_row_stride, out, nullptr,
-              0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
-  ga.dtype = a.dtype;
+  const GemmArgs ga = gemm_args(a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.dtype, a.src_pos,
+                                a.tgt_pos, a.src_pos_row_stride, a.tgt_pos_row_stride, out, nullptr, a.cost);
   std::vector<GemmSeg> segs(size_t(a.batch));
   for (int64_t b = 0; b < a.batch; ++b)
     segs[b] = GemmSeg{b * a.source_batch_stride, b * a.target_batch_stride, b * a.n * a.m,
@@ -438,10 +444,8 @@ cudaError_t prune(const PruneArgs& a, int64_t* kept, float* scores, int* nonfini
   const bool shared_pos = a.position_rows != a.total_rows;
   // Float offset of the position of packed row `row`, which is row `local` of its segment.
   auto pos_off = [&](int64_t row, int64_t local) { return int(2 * (shared_pos ? local : row)); };
-  GemmArgs ga{a.source, a.target, a.source_row_stride, a.target_row_stride, a.d,
-              a.positions, a.positions, 2, 2, w.C, w.done,
-              0.5f * a.cost.alpha, a.cost.beta, -1.0f / (2.0f * a.cost.sigma * a.cost.sigma), a.cost.gamma};
-  ga.dtype = a.dtype;
+  const GemmArgs ga = gemm_args(a.source, a.target, a.source_row_stride, a.target_row_stride, a.d, a.dtype,
+                                a.positions, a.positions, 2, 2, w.C, w.done, a.cost);
   const bool tol = p.tol > 0;
   const float ka = kappa(a.tau, p.eps), ra = rho(a.tau, p.eps);
   auto row_args = [&](int t) {

@@ -44,8 +44,7 @@ def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def prune(src, tgt, pos, segs, params, check_finite, max_workspace):
-    kw = dict(alpha=params.alpha, beta=params.beta, gamma=params.gamma, sigma=params.sigma, eps=params.eps,
-              tau=params.tau, n_iters=params.n_iters, tol=params.tol, recover_ratio=params.recover_ratio)
+    kw = params._asdict()  # PruneParams' fields are the reference's keyword names
     bad = _nonfinite(src, tgt, pos) if check_finite else None
     if segs.padded:
         B, n = src.shape[:2]

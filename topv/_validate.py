@@ -73,6 +73,14 @@ def relaxation(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number > 0 (inf for an exact marginal), got {value!r}")
 
 
+def prune_params(p) -> None:
+    """Every numeric argument of prune, given as a topv.ops.PruneParams."""
+    cost_params(p.alpha, p.beta, p.gamma, p.sigma)
+    sinkhorn_params(p.eps, p.n_iters, p.tol)
+    relaxation("tau", p.tau)
+    recover_ratio(p.recover_ratio)
+
+
 def max_workspace(value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_workspace must be a number of bytes >= 1 (or None for the default), got {value!r}")

@@ -79,14 +79,14 @@ REGISTRY: dict[str, Backend] = {
 }
 
 # What `auto` picks, per device type, first available wins (the reference is the last resort).
-# From bench/results/nvidia-h100-80gb-hbm3/prune.csv (H100, bf16, 3 iterations): launched from Python the CUDA C++ path was
-# the fastest at every prune shape measured (B=1, n=576: 55-262 µs against 562-1200 for Triton,
-# whose ~13 launches are host-bound; B=16: 179 against 511; B=64: 503 against 1007; n=16384:
-# 19.2 against 20.3 ms), and its Sinkhorn alone too. Replayed from a CUDA graph Triton is ahead at
-# n=2880 and 3328 (331 against 340 µs, 473 against 489), but `auto` does not switch on capture: the
-# eager warm-up before a capture must build the same backend's per-layout tables; pass
-# backend="triton" there. On CPU the C++ kernels beat the eager reference 5-6x on bf16 features
-# and ~3x on fp32 at n=576, d=1024 (bench/results/cpu-amd-epyc/prune.csv).
+# From bench/results/nvidia-h100-80gb-hbm3/prune.csv (H100, bf16, 3 iterations, commit 717406a):
+# the CUDA C++ path is the fastest at B=1, n=576 (54 µs launched from Python against 387 for
+# Triton, whose ~13 launches are host-bound), B=16 (179 against 328), B=64 (507 against 1008) and
+# n=16384 (6.6 against 9.9 ms). At n=2880 and 3328 Triton is ahead by 3-4 % (Python: 343 against
+# 354 µs, 481 against 502; graph: 326 against 343, 469 against 488); `auto` does not switch per
+# shape or on capture (the eager warm-up before a capture must build the same backend's per-layout
+# tables): pass backend="triton" for such segments. On CPU the C++ kernels beat the eager reference
+# 2-6x at n=576, d=1024 (bench/results/cpu-*/prune.csv).
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 
 

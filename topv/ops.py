@@ -307,10 +307,7 @@ def _check_prune(source, target, positions, keep, seg_lens, params: PruneParams)
     if source.shape[-1] < 1:
         raise ValueError(f"source needs at least one feature, got {tuple(source.shape)}")
     keep = V.int_list("keep", keep)
-    V.cost_params(params.alpha, params.beta, params.gamma, params.sigma)
-    V.sinkhorn_params(params.eps, params.n_iters, params.tol)
-    V.relaxation("tau", params.tau)
-    V.recover_ratio(params.recover_ratio)
+    V.prune_params(params)
     if source.dim() == 3:
         if seg_lens is not None:
             raise ValueError(

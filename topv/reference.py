@@ -128,6 +128,13 @@ def scores(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> 
     return cost.shape[1] * plan(cost, f, g, eps).sum(2)
 
 
+def uniform_indices(n: int, k: int, device=None) -> torch.Tensor:
+    """The uniform recovery rule (docs/algorithm.md): k of n positions in reading order,
+    ``floor((2j + 1) n / 2k)`` for j < k, evenly spaced."""
+    j = torch.arange(k, device=device)
+    return ((2 * j + 1) * n) // (2 * k)
+
+
 def select(score: torch.Tensor, keep: int, recover_ratio: float) -> torch.Tensor:
     """Kept indices (B, keep), ascending: top scores (ties to the lower index) + uniform recovery."""
     B, n = score.shape
@@ -139,8 +146,7 @@ def select(score: torch.Tensor, keep: int, recover_ratio: float) -> torch.Tensor
     is_top = torch.zeros(B, n, dtype=torch.int8, device=score.device).scatter_(1, top, 1)
     # The non-top indices in ascending order: a stable sort moves the 0s (not top) first.
     rest = torch.sort(is_top, dim=1, stable=True).indices[:, : n - k_top]
-    j = torch.arange(k_rec, device=score.device)
-    recovered = rest[:, ((2 * j + 1) * (n - k_top)) // (2 * k_rec)] if k_rec else rest[:, :0]
+    recovered = rest[:, uniform_indices(n - k_top, k_rec, score.device)] if k_rec else rest[:, :0]
     return torch.sort(torch.cat([top, recovered], dim=1), dim=1).values
 
 

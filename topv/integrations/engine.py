@@ -588,10 +588,7 @@ class TopVSession:
             if self.settings.kv == "all":
                 idx = info.index
                 for layer in cache.layers[: K + 1]:
-                    layer.keys = layer.keys.gather(2, idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1,
-                                                                                   layer.keys.shape[-1]))
-                    layer.values = layer.values.gather(2, idx[:, None, :, None].expand(-1, layer.values.shape[1], -1,
-                                                                                       layer.values.shape[-1]))
+                    layer.keys, layer.values = _gather_steps(layer.keys, idx), _gather_steps(layer.values, idx)
                 pruned = frozenset(range(self.n_layers))
             else:
                 pruned = frozenset(range(K + 1, self.n_layers))
@@ -610,6 +607,11 @@ class TopVSession:
         return PrefillInfo(method=self.scorer.name, input_length=T, pruned_length=T, segments=plan.segments,
                            keep_counts=plan.keeps, kept=list(torch.split(plan.tok_scored, plan.lengths)), scores=None,
                            index=index, valid=plan.valid_in, pruned=False, stage=self.settings.stage)
+
+
+def _gather_steps(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A cache layer's keys or values (B, heads, T, d) at the slots ``index`` (B, L') of the pruned sequence."""
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
 
 
 def _to_host(tensors: dict) -> dict:

@@ -42,8 +42,7 @@ def _check_version():
                       f"was verified on ({', '.join(VERIFIED)})", stacklevel=3)
 
 
-_PRUNE_DEFAULTS = dict(alpha=D.ALPHA, beta=D.BETA, gamma=D.GAMMA, sigma=D.SIGMA, eps=D.EPS, tau=D.TAU,
-                       n_iters=D.N_ITERS, tol=D.TOL, recover_ratio=D.RECOVER_RATIO, max_workspace=None, backend="auto")
+_PRUNE_DEFAULTS = dict(D.PRUNE, max_workspace=None, backend="auto")
 
 
 def _scorer_of(method, scorer, check_finite, prune_kwargs) -> Scorer:

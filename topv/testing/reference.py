@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import topv
-from topv.integrations.scorers.uniform import uniform_indices
+from topv.reference import uniform_indices
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:

@@ -91,17 +91,18 @@ inline bool cost_args_ok(const CostArgs& a) {
          a.batch * (a.n > a.m ? a.n : a.m) < (int64_t(1) << 31);
 }
 
+inline bool sinkhorn_params_ok(const SinkhornParams& p) { return p.n_iters >= 1 && p.eps > 0 && p.tol >= 0; }  // NaN fails
+
 inline bool sinkhorn_args_ok(const SinkhornArgs& a) {
-  const SinkhornParams& p = a.sinkhorn;
-  return a.cost && a.batch >= 1 && a.n >= 1 && a.m >= 1 && p.n_iters >= 1 && p.eps > 0 && p.tol >= 0 &&
-         relaxation_ok(a.tau_a) && relaxation_ok(a.tau_b) && a.batch * (a.n > a.m ? a.n : a.m) < (int64_t(1) << 31);
+  return a.cost && a.batch >= 1 && a.n >= 1 && a.m >= 1 && sinkhorn_params_ok(a.sinkhorn) && relaxation_ok(a.tau_a) &&
+         relaxation_ok(a.tau_b) && a.batch * (a.n > a.m ? a.n : a.m) < (int64_t(1) << 31);
 }
 
 inline bool prune_args_ok(const PruneArgs& a) {
   if (!a.source || !a.target || !a.positions || !a.seg_lens || !a.keep || a.total_rows < 1 || a.d < 1 ||
       a.num_segments < 1)
     return false;
-  if (a.sinkhorn.n_iters < 1 || !(a.sinkhorn.eps > 0) || !(a.sinkhorn.tol >= 0) || !relaxation_ok(a.tau)) return false;
+  if (!sinkhorn_params_ok(a.sinkhorn) || !relaxation_ok(a.tau)) return false;
   if (!(a.recover_ratio >= 0 && a.recover_ratio < 1)) return false;
   int64_t total = 0;
   for (int64_t k = 0; k < a.num_segments; ++k) {

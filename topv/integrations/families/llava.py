@@ -23,6 +23,12 @@ def clip_layer(model, config, name: str):
     return layer, submodule(layer, "layer_norm2", name)
 
 
+def clip_patches(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(items, [CLS +] side*side, d) encoder states -> (items * side*side, d): the patch rows, one
+    language-model token each (the encoder's CLS token, if any, comes first)."""
+    return x[:, x.shape[1] - side * side:].reshape(-1, x.shape[-1])
+
+
 class Llava(Family):
     name = "LLaVA-1.5"
     classes = "LlavaForConditionalGeneration"
@@ -49,8 +55,7 @@ class Llava(Family):
         return out
 
     def vision_tokens(self, x):
-        s2 = self.side * self.side
-        return x[:, x.shape[1] - s2:].reshape(-1, x.shape[-1])  # the encoder's CLS token (if any) comes first
+        return clip_patches(x, self.side)
 
     def vision_rows(self, segments, calls):
         s2 = self.side * self.side

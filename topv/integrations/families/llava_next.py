@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from topv.integrations.families.base import Family, grid
-from topv.integrations.families.llava import clip_layer
+from topv.integrations.families.llava import clip_layer, clip_patches
 from topv.integrations.records import Segment
 
 
@@ -120,8 +120,7 @@ class LlavaNext(Family):
         return out
 
     def vision_tokens(self, x):
-        s2 = self.side * self.side
-        return x[:, x.shape[1] - s2:].reshape(-1, x.shape[-1])  # the encoder's CLS token comes first
+        return clip_patches(x, self.side)
 
     def vision_rows(self, segments, calls):
         sizes = [size for call in calls for size in call["image_sizes"].tolist()]

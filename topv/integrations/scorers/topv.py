@@ -8,6 +8,7 @@ import topv
 from topv import _validate as V
 from topv import defaults as D
 from topv.integrations.scorers.base import ScoreBatch, Scorer
+from topv.ops import PruneParams, resolve_backend
 
 
 class TopV(Scorer):
@@ -22,22 +23,16 @@ class TopV(Scorer):
                  sigma: float = D.SIGMA, eps: float = D.EPS, tau: float = D.TAU, n_iters: int = D.N_ITERS,
                  tol: float = D.TOL, recover_ratio: float = D.RECOVER_RATIO, check_finite: bool = True,
                  max_workspace: int | None = None, backend: str = "auto"):
-        V.cost_params(alpha, beta, gamma, sigma)
-        V.sinkhorn_params(eps, n_iters, tol)
-        V.relaxation("tau", tau)
-        V.recover_ratio(recover_ratio)
+        params = PruneParams(alpha, beta, gamma, sigma, eps, tau, n_iters, tol, recover_ratio)
+        V.prune_params(params)
         if max_workspace is not None:
             V.max_workspace(max_workspace)
         super().__init__(check_finite=check_finite)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {backend!r}")
-        self.kwargs = dict(alpha=alpha, beta=beta, gamma=gamma, sigma=sigma, eps=eps, tau=tau, n_iters=n_iters,
-                           tol=tol, recover_ratio=recover_ratio, check_finite=check_finite,
-                           max_workspace=max_workspace, backend=backend)
+        self.kwargs = dict(params._asdict(), check_finite=check_finite, max_workspace=max_workspace, backend=backend)
 
     def check(self, device):
-        from topv.ops import resolve_backend
-
         resolve_backend(self.kwargs["backend"], torch.device(device))
 
     def prepare(self, batch):

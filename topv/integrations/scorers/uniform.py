@@ -9,11 +9,7 @@ from __future__ import annotations
 import torch
 
 from topv.integrations.scorers.base import ScoreBatch, Scorer
-
-
-def uniform_indices(n: int, k: int) -> torch.Tensor:
-    j = torch.arange(k)
-    return ((2 * j + 1) * n) // (2 * k)
+from topv.reference import uniform_indices
 
 
 class Uniform(Scorer):
